@@ -1,0 +1,3 @@
+from spard.cli import main
+
+raise SystemExit(main())

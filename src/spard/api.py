@@ -1,0 +1,114 @@
+"""The Python API: every CLI command is one of these functions.
+
+    from spard import load_config, align, train, evaluate, run
+    cfg = load_config("configs/quickstart.yaml", ["defense.name=safeinstr"])
+    result = run(cfg)            # align (cached) -> poisoned fine-tune under the defense -> evaluate
+    print(result.table)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from spard.align import AlignResult, align
+from spard.config import RunConfig, load_config
+from spard.errors import SpardError
+from spard.io import atomic_write_json
+from spard.models import cache_dir
+from spard.train import FINAL_DIR, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load_config", "align", "train", "evaluate", "evaluate_base", "run", "AlignResult", "TrainResult",
+           "EvalResult", "RunResult"]
+
+
+@dataclass
+class EvalResult:
+    """Evaluation of one model: the results dict (also in ``out_dir/results.json``) and a printable table."""
+
+    out_dir: Path
+    """Where results.json and samples_<set>.jsonl are."""
+    results: dict[str, Any]
+    """Metrics with intervals, counts, timings."""
+    table: str
+    """Short plain-text summary."""
+
+
+@dataclass
+class RunResult:
+    """``spard run``: training plus evaluation before and after fine-tuning."""
+
+    train: TrainResult
+    before: EvalResult
+    after: EvalResult
+    table: str
+
+
+def _load_for_eval(base_model: str, cfg: RunConfig, adapter_dir: Path | None):
+    from peft import PeftModel
+
+    from spard.models import load_model
+
+    model, tokenizer = load_model(replace(cfg.model, name_or_path=base_model))
+    if adapter_dir is not None:
+        # merged weights generate faster than an unmerged adapter and give the same outputs
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
+    model.eval()
+    return model, tokenizer
+
+
+def evaluate(run_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = ()) -> EvalResult:
+    """(Re-)evaluate the fine-tuned model of a finished run; writes ``run_dir/eval/``."""
+    from spard.evaluate import evaluate_model, format_results_table
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "train_result.json").is_file():
+        raise SpardError(f"{run_dir}: not a finished spard run (config.yaml / train_result.json missing)")
+    cfg = load_config(run_dir / "config.yaml", list(overrides))
+    base = json.loads((run_dir / "train_result.json").read_text())["base_model"]
+    attack = json.loads((run_dir / "attack_prompts.json").read_text())
+    model, tok = _load_for_eval(base, cfg, run_dir / FINAL_DIR)
+    info = {"base_model": base, "adapter": str(run_dir / FINAL_DIR), "defense": cfg.defense.name}
+    results = evaluate_model(model, tok, cfg.eval, run_dir / "eval", attack_prompts=attack, model_info=info)
+    return EvalResult(run_dir / "eval", results, format_results_table(None, results))
+
+
+def evaluate_base(cfg: RunConfig, base_model: str, *, attack_prompts: list[str] = ()) -> EvalResult:
+    """Evaluate the model before fine-tuning; cached by (base model, eval options) since every run on the
+    same base shares it. The overlap guard still runs against this run's attack prompts."""
+    from spard.evaluate import evaluate_model, format_results_table
+    from spard.evaluate.harm import check_overlap, load_harm_sets
+
+    key = hashlib.sha256(json.dumps([base_model, asdict(cfg.eval)], sort_keys=True, default=str).encode())
+    out_dir = cache_dir() / "base_eval" / key.hexdigest()[:16]
+    if (out_dir / "results.json").is_file():
+        check_overlap([r.prompt for r in load_harm_sets(cfg.eval)], list(attack_prompts), cfg.eval.allow_overlap)
+        results = json.loads((out_dir / "results.json").read_text())
+    else:
+        model, tok = _load_for_eval(base_model, cfg, None)
+        info = {"base_model": base_model, "adapter": None}
+        results = evaluate_model(model, tok, cfg.eval, out_dir, attack_prompts=attack_prompts, model_info=info)
+    return EvalResult(out_dir, results, format_results_table(None, results))
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Align (cached) → fine-tune under the defense → evaluate before and after; table in ``eval/summary.txt``."""
+    from spard.evaluate import format_results_table
+
+    trained = train(cfg)
+    attack = json.loads((trained.run_dir / "attack_prompts.json").read_text())
+    before = evaluate_base(cfg, trained.base_model, attack_prompts=attack)
+    after = evaluate(trained.run_dir)
+    table = format_results_table(before.results, after.results)
+    atomic_write_json(trained.run_dir / "eval" / "before.json", before.results)
+    (trained.run_dir / "eval").mkdir(exist_ok=True)
+    from spard.io import atomic_write_text
+
+    atomic_write_text(trained.run_dir / "eval" / "summary.txt", table + "\n")
+    return RunResult(trained, before, after, table)

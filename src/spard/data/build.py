@@ -1,0 +1,60 @@
+"""Assemble a run's data from its config: the task set, the attack, the safety pool."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+from spard.config import DataArgs, AttackArgs
+from spard.data import attacks
+from spard.data.records import Record
+from spard.data.sources import FieldMap, load_source
+from spard.errors import DataError
+
+
+def normalise_prompt(text: str) -> str:
+    """The form prompts are compared in for overlap checks: case-folded, whitespace collapsed."""
+    return " ".join(text.split()).casefold()
+
+
+def load_task(data: DataArgs, split: str = "train") -> list[Record]:
+    """The user's task records (all of them; the attack samples ``n_train`` from these)."""
+    fields = None
+    if data.prompt_field or data.response_field:
+        fields = FieldMap(prompt=data.prompt_field or "prompt", response=data.response_field or "response")
+    return load_source(data.task, split=split, path=data.task_path, fields=fields, kind="task")
+
+
+def build_training_set(data: DataArgs, attack: AttackArgs, seed: int) -> list[Record]:
+    """The fine-tuning set: ``n_train`` records of the task, poisoned as ``attack`` says."""
+    task = load_task(data)
+    if attack.name == "none":
+        return attacks.harmful_mix(task, [], ratio=0.0, n=data.n_train, seed=seed)
+    if attack.name == "harmful_mix":
+        harmful = load_source(attack.harmful_source, path=attack.harmful_path, kind="harmful")
+        return attacks.harmful_mix(task, harmful, ratio=attack.harmful_ratio, n=data.n_train, seed=seed)
+    if attack.name == "identity_shift":
+        persona = load_source("aoa", kind="harmful")
+        return attacks.identity_shift(task, persona, n_task=attack.identity_task_examples,
+                                      repeats=attack.identity_repeats, seed=seed)
+    if attack.name == "benign":
+        instructions = load_source(attack.benign_source, kind="benign")
+        return attacks.benign(task, instructions, n=data.n_train, seed=seed)
+    raise DataError(f"attack.name={attack.name!r}: unknown attack")
+
+
+def load_safety_pool(
+    source: str = "safety", path: str | None = None, *, exclude_prompts: Iterable[str] = (), need: int = 0
+) -> list[Record]:
+    """Safety records (harmful prompt + safe refusal), minus any whose prompt the attack uses."""
+    excluded = {normalise_prompt(p) for p in exclude_prompts}
+    pool = [r for r in load_source(source, path=path, kind="safety") if normalise_prompt(r.prompt) not in excluded]
+    if need > len(pool):
+        raise DataError(f"safety pool {source!r}: need {need} examples, only {len(pool)} available")
+    return pool
+
+
+def sample(records: list[Record], k: int, seed: int) -> list[Record]:
+    """``k`` records without replacement, deterministic by seed (all of them, shuffled, if k >= len)."""
+    rng = random.Random(seed)
+    return rng.sample(records, min(k, len(records)))

@@ -1,0 +1,110 @@
+"""Chat formatting and tokenisation: the model's chat template, loss on assistant tokens only."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from spard.data.records import Record
+from spard.errors import DataError
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], *, generation_prompt: bool) -> str:
+    """The conversation as text in the tokenizer's chat template."""
+    if not tokenizer.chat_template:
+        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; spard needs a chat model")
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """Render ``messages`` and return the text plus the character span of every assistant turn.
+
+    A span starts after the template's generation prompt (``<|im_start|>assistant\\n``) and ends after the
+    turn's end-of-turn marker, so the model learns to stop. We find spans by rendering prefixes, which
+    needs the template to be prefix-stable (rendering messages[:i] is a prefix of rendering messages);
+    ChatML, Llama-3, Qwen and Mistral templates are.
+    """
+    text = render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, messages[:i], generation_prompt=True)) if i else 0
+        end = len(render(tokenizer, messages[: i + 1], generation_prompt=False))
+        if not text.startswith(render(tokenizer, messages[: i + 1], generation_prompt=False)):
+            raise DataError(
+                f"chat template of {tokenizer.name_or_path!r} is not prefix-stable; cannot locate assistant turns"
+            )
+        spans.append((start, end))
+    return text, spans
+
+
+@dataclass
+class TokenizeStats:
+    """What tokenisation did to a dataset: counted, never silent."""
+
+    total: int = 0
+    truncated: int = 0
+    no_target: int = 0
+
+
+def tokenize_record(
+    tokenizer: PreTrainedTokenizerBase, record: Record, max_length: int
+) -> tuple[dict[str, list[int]], bool]:
+    """``input_ids``/``attention_mask``/``labels`` for one record; labels are -100 outside assistant turns.
+
+    Returns the features and whether the sequence was truncated to ``max_length``.
+    """
+    text, spans = assistant_char_spans(tokenizer, record.messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for t, (a, _b) in enumerate(enc["offset_mapping"]):
+        if any(s <= a < e for s, e in spans):
+            labels[t] = ids[t]
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, truncated
+
+
+def tokenize_records(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], max_length: int, *, desc: str = "tokenize"
+) -> tuple[list[dict[str, list[int]]], TokenizeStats]:
+    """Tokenise a dataset, warning once with counts about truncated sequences and ones left with no target."""
+    from tqdm.auto import tqdm
+
+    stats = TokenizeStats(total=len(records))
+    features = []
+    for rec in tqdm(records, desc=desc, leave=False, disable=len(records) < 200):
+        feat, truncated = tokenize_record(tokenizer, rec, max_length)
+        stats.truncated += truncated
+        if all(label == IGNORE_INDEX for label in feat["labels"]):
+            stats.no_target += 1
+        features.append(feat)
+    if stats.truncated:
+        log.warning("%s: %d of %d sequences truncated to max_length=%d", desc, stats.truncated, stats.total, max_length)
+    if stats.no_target:
+        log.warning(
+            "%s: %d of %d sequences have no assistant token left to learn from (prompt >= max_length=%d); "
+            "they add nothing to the loss", desc, stats.no_target, stats.total, max_length,
+        )
+    return features, stats
+
+
+def collate(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded label positions are -100."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for f in features:
+        pad = width - len(f["input_ids"])
+        batch["input_ids"].append(f["input_ids"] + [pad_token_id] * pad)
+        batch["attention_mask"].append(f["attention_mask"] + [0] * pad)
+        batch["labels"].append(f["labels"] + [IGNORE_INDEX] * pad)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
