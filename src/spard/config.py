@@ -296,6 +296,8 @@ def _build(cls: type, data: Any, prefix: str, label: str, origin: dict[str, str]
             cls = defense_args_class(name)
         except ConfigError as e:
             raise ConfigError(f"{_where(label, origin, 'defense.name')}: defense.name={name!r}: {e}") from None
+        if "defense.name" in origin:  # switched on the command line: the file's options of the other defense lapse
+            data = _drop_other_defense_options(data, cls, origin)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -311,6 +313,21 @@ def _build(cls: type, data: Any, prefix: str, label: str, origin: dict[str, str]
     except FieldError as e:
         dotted = e.name if prefix and e.name.startswith(prefix) else prefix + e.name  # names may be absolute
         raise ConfigError(f"{_where(label, origin, dotted)}: {dotted}={e.value!r}: {e.reason}") from None
+
+
+def _drop_other_defense_options(data: dict[str, Any], cls: type, origin: dict[str, str]) -> dict[str, Any]:
+    import logging
+
+    from spard.defenses import available_defenses, defense_args_class
+
+    own = {f.name for f in dataclasses.fields(cls)}
+    other = {f.name for d in available_defenses() for f in dataclasses.fields(defense_args_class(d))} - own
+    dropped = [k for k in data if k in other and f"defense.{k}" not in origin]
+    if dropped:
+        logging.getLogger(__name__).warning(
+            "defense.name=%s (override): ignoring the config file's options of another defense: %s",
+            data["name"], ", ".join(f"defense.{k}" for k in dropped))
+    return {k: v for k, v in data.items() if k not in dropped}
 
 
 def _coerce(tp: Any, value: Any, dotted: str, label: str, origin: dict[str, str]) -> Any:
