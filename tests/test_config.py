@@ -44,8 +44,10 @@ def test_every_field_has_a_docstring():
 
 @pytest.mark.parametrize("text,overrides,message", [
     ("atack:\n  harmful_ratio: 0.1\n", [], r"c.yaml: unknown config key 'atack'"),
-    ("attack:\n  harmful_ratoi: 0.1\n", [], r"unknown config key 'attack.harmful_ratoi'; did you mean 'attack.harmful_ratio'"),
-    ("", ["attack.harmful_ratio=1.5"], r"override 'attack.harmful_ratio=1.5': attack.harmful_ratio=1.5: must be in \[0.0, 1.0\]"),
+    ("attack:\n  harmful_ratoi: 0.1\n", [],
+     r"unknown config key 'attack.harmful_ratoi'; did you mean 'attack.harmful_ratio'"),
+    ("", ["attack.harmful_ratio=1.5"],
+     r"override 'attack.harmful_ratio=1.5': attack.harmful_ratio=1.5: must be in \[0.0, 1.0\]"),
     ("attack:\n  harmful_ratio: -0.1\n", [], r"c.yaml: attack.harmful_ratio=-0.1: must be in"),
     ("train:\n  batch_size: eight\n", [], r"c.yaml: train.batch_size='eight': expected an integer"),
     ("train:\n  resume: 3\n", [], r"train.resume=3: expected true or false"),

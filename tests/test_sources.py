@@ -30,7 +30,8 @@ def test_task_records_keep_gold_fields():
 
 def test_local_jsonl_with_field_map(tmp_path):
     p = tmp_path / "mine.jsonl"
-    p.write_text(json.dumps({"q": "hi", "a": "hello", "ctx": "more"}) + "\n\n" + json.dumps({"q": "x", "a": "y"}) + "\n")
+    rows = [json.dumps({"q": "hi", "a": "hello", "ctx": "more"}), "", json.dumps({"q": "x", "a": "y"})]
+    p.write_text("\n".join(rows) + "\n")
     recs = load_source("local", path=str(p), fields=FieldMap(prompt="q", response="a", input="ctx"), kind="task")
     assert [r.prompt for r in recs] == ["hi\nmore", "x"] and recs[0].response == "hello"
 

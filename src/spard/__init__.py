@@ -9,10 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load_config", "align", "train", "evaluate", "run", "__version__"]
+__all__ = ["load_config", "align", "train", "evaluate", "run", "bench", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "bench":
+        from spard.benchmark import bench
+
+        return bench
     if name in ("align", "train", "evaluate", "run", "load_config", "evaluate_base"):
         from spard import api
 

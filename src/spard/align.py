@@ -61,7 +61,8 @@ def align(cfg: RunConfig, *, model=None, tokenizer=None) -> AlignResult:  # noqa
     target = aligned_model_dir(cfg.model, a)
     model_dir = target / "model"
     if (model_dir / "config.json").is_file():
-        info = json.loads((target / "align_result.json").read_text()) if (target / "align_result.json").is_file() else {}
+        result_file = target / "align_result.json"
+        info = json.loads(result_file.read_text()) if result_file.is_file() else {}
         log.info("using the cached aligned model %s", model_dir)
         return AlignResult(model_dir, cached=True, metrics=info.get("metrics", {}))
     if model is None or tokenizer is None:

@@ -34,6 +34,15 @@ def _parser() -> argparse.ArgumentParser:
                         description="(re-)evaluate a finished run directory")
     ev.add_argument("run_dir", help="a run directory written by spard train/run")
     ev.add_argument("overrides", nargs="*", help="eval.key=value overrides")
+    bh = "run a grid of defenses x attacks x harmful ratios (one run per cell), then write the table and plots"
+    bp = sub.add_parser("bench", help=bh, description=bh + ". Rerunning skips finished cells and retries "
+                        "crashed ones; --cell I runs one cell (job arrays), --collect only writes the outputs.")
+    bp.add_argument("config", help="bench YAML (e.g. configs/bench/smoke.yaml)")
+    mode = bp.add_mutually_exclusive_group()
+    mode.add_argument("--cells", action="store_true", help="list the cells (index, name, status) and exit")
+    mode.add_argument("--cell", type=int, metavar="I", help="run only cell I (then --collect when all are done)")
+    mode.add_argument("--collect", action="store_true", help="only write results.csv, table.md and the plots")
+    bp.add_argument("--retry", type=int, default=0, metavar="N", help="retry a crashing cell up to N more times now")
     return p
 
 
@@ -55,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "bench":  # before importing api: --cells / --collect need no training stack
+        return _bench(args)
     from spard import api
     from spard.config import config_to_yaml, load_config
 
@@ -79,6 +90,30 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(res.table)
         print(f"run dir: {res.train.run_dir}")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from spard import benchmark
+
+    b = benchmark.load_bench(args.config)
+    if args.cells:
+        print(benchmark.format_cell_list(b))
+        return 0
+    try:
+        res = benchmark.bench(b, cell=args.cell, collect_only=args.collect, retry=args.retry)
+    except KeyboardInterrupt:
+        print("spard: interrupted; rerun the same command to continue (finished cells are skipped, "
+              "partial ones resume)", file=sys.stderr)
+        return 130
+    if res.outcomes:
+        counts = {s: sum(o.status == s for o in res.outcomes) for s in ("ran", "skipped", "failed", "stale")}
+        print("cells: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    for o in res.failed:
+        print(f"FAILED cell {o.cell.index} {o.cell.name}: {o.error} (see {o.cell.run_dir / 'error.txt'})")
+    if res.report is not None:
+        print(res.report.table, end="")
+        print("wrote " + ", ".join(str(p) for p in res.report.files.values()))
+    return 1 if res.failed else 0
 
 
 if __name__ == "__main__":

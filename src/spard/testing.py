@@ -34,7 +34,7 @@ science sun earth water plant plants animal light heat energy which choice optio
 
 def tiny_tokenizer(extra_texts: Iterable[str] = ()) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over ``DEFAULT_WORDS``, digits, punctuation and the words of ``extra_texts``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     words = set(DEFAULT_WORDS) | set("0123456789") | set(".,?!:;'\"()-#$%*/+=")
     for text in extra_texts:

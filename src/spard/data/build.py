@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
-from spard.config import DataArgs, AttackArgs
+from spard.config import AttackArgs, DataArgs
 from spard.data import attacks
 from spard.data.records import Record
 from spard.data.sources import FieldMap, load_source

@@ -23,7 +23,9 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_char_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]
+) -> tuple[str, list[tuple[int, int]]]:
     """Render ``messages`` and return the text plus the character span of every assistant turn.
 
     A span starts after the template's generation prompt (``<|im_start|>assistant\\n``) and ends after the

@@ -33,7 +33,9 @@ class Record:
             raise DataError(f"record from {self.source!r}: no messages")
         for m in self.messages:
             if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise DataError(f"record from {self.source!r}: bad message {m!r} (need role in {ROLES} and str content)")
+                raise DataError(
+                    f"record from {self.source!r}: bad message {m!r} (need role in {ROLES} and str content)"
+                )
         object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
 
     @property

@@ -1,0 +1,209 @@
+"""Wall time per optimizer step of each defense, on the same model and the same batches, interleaved.
+
+Run: ``PYTHONPATH=src python bench/step_overhead.py [--defenses sft,spard] [--steps 6] [--warmup 1]``
+(``--set spard:defense.safety_batch_size=2`` overrides one defense's config; ``--set key=value`` all of them).
+
+Model: the embedded SmolLM2-135M-Instruct (``load_model(ModelArgs())``), one fresh deep copy + LoRA adapter
+(``spard.train.add_lora``, same seed) per defense. Data: the fine-tuning set ``spard.train.train`` would
+build (GSM8K + 10 % BeaverTails, ``train.seed=0``), tokenised with ``data.max_length=128``, cut into fixed
+batches of 8; step i of every defense uses batch i. ``torch.set_num_threads(2)``.
+
+Every defense gets a real ``SpardTrainer`` (``spard.train.training_arguments``, its own optimizer and
+scheduler, ``accelerator.prepare``) and its hooks run as in ``Trainer.train`` (``prepare_data`` and
+``setup`` once; per step ``training_step`` with the ``loss`` hook, clipping, ``before_optimizer_step``,
+``optimizer.step()``, ``after_optimizer_step``, scheduler, ``zero_grad``). The trainers are driven one
+step at a time and interleaved step by step (A B B A A B ...): on a machine shared with other jobs, load
+changes from one minute to the next, so a defense's step is compared with the reference's step taken
+seconds before or after it. Ratio = median over steps of (defense step time / reference step time of the
+same step index); the first defense in ``--defenses`` is the reference. ``hooks`` is the time spent in
+``before_optimizer_step`` + ``after_optimizer_step`` alone (for SPARD: the whole safety step).
+One-off setup (tokenising, SPARD's data selection) is not timed.
+
+Defenses whose ``log_stats()`` has ``safety_projected`` (SPARD) get the fraction of steps it fired on and
+the median step time with and without a projection. The data selection's embedding cache is kept under
+``--out`` (default ``runs/step_overhead``), so only the first run embeds the safety pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Timings:
+    """Per-step measurements of one defense."""
+
+    wall: list[float] = field(default_factory=list)
+    hooks: list[float] = field(default_factory=list)
+    fired: list[bool | None] = field(default_factory=list)
+
+
+def parse_overrides(items: list[str], defenses: list[str]) -> dict[str, list[str]]:
+    """``spard:defense.safety_batch_size=2`` applies to spard only; ``key=value`` to every defense."""
+    out: dict[str, list[str]] = {d: [] for d in defenses}
+    for item in items:
+        target, sep, rest = item.partition(":")
+        if sep and "=" not in target:
+            out.setdefault(target, []).append(rest)
+        else:
+            for d in defenses:
+                out[d].append(item)
+    return out
+
+
+def fixed_batches(cfg, tokenizer, n_batches: int) -> tuple[list, list[dict[str, torch.Tensor]]]:
+    """The training records and ``n_batches`` collated batches of them, in a fixed (seeded) order."""
+    import random
+
+    from spard.data.build import build_training_set
+    from spard.data.chat import collate, tokenize_records
+
+    records = build_training_set(cfg.data, cfg.attack, cfg.train.seed)
+    features, _ = tokenize_records(tokenizer, records, cfg.data.max_length, desc="tokenize bench set")
+    order = list(range(len(features)))
+    random.Random(cfg.train.seed).shuffle(order)
+    b = cfg.train.batch_size
+    return records, [collate([features[i] for i in order[k * b : (k + 1) * b]], tokenizer.pad_token_id)
+                     for k in range(n_batches)]
+
+
+class DrivenTrainer:
+    """A ``SpardTrainer`` for one defense, stepped by hand exactly as ``Trainer.train`` steps it."""
+
+    def __init__(self, name: str, cfg, base, tokenizer, records, run_dir: Path, n_steps: int) -> None:
+        from spard.data.attacks import attack_prompts
+        from spard.data.chat import collate
+        from spard.defenses import DefenseContext, get_defense
+        from spard.train import SpardTrainer, add_lora, training_arguments
+
+        self.name = name
+        self.defense = get_defense(cfg.defense.name)(cfg.defense)
+        ctx = DefenseContext(config=cfg, tokenizer=tokenizer, run_dir=run_dir, seed=cfg.train.seed,
+                             attack_prompts=attack_prompts(records))
+        self.defense.prepare_data(list(records), ctx)  # the bench's batches stay fixed whatever it returns
+        model = add_lora(copy.deepcopy(base), cfg.lora, cfg.train.seed)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.trainer = t = SpardTrainer(
+            model=model, args=training_arguments(cfg.train, run_dir, n_examples=len(records)), train_dataset=[],
+            data_collator=lambda batch: collate(batch, tokenizer.pad_token_id), processing_class=tokenizer,
+            defense=self.defense,
+        )
+        t.create_optimizer()
+        self.model, t.optimizer = t.accelerator.prepare(t.model, t.optimizer)
+        t.create_scheduler(num_training_steps=n_steps)
+        t.model_wrapped = self.model
+        t.state.max_steps = n_steps
+        t.current_gradient_accumulation_steps = 1
+        self.defense.setup(t)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """One optimizer step on ``batch``; returns (wall seconds, seconds inside the step hooks)."""
+        t, model = self.trainer, self.model
+        start = time.perf_counter()
+        num_items = (batch["labels"][..., 1:] != -100).sum()
+        t.training_step(model, dict(batch), num_items)
+        if t.args.max_grad_norm > 0:
+            t.accelerator.clip_grad_norm_(model.parameters(), t.args.max_grad_norm)
+        h0 = time.perf_counter()
+        self.defense.before_optimizer_step(t)
+        hooks = time.perf_counter() - h0
+        t.optimizer.step()
+        h0 = time.perf_counter()
+        self.defense.after_optimizer_step(t)
+        hooks += time.perf_counter() - h0
+        t.lr_scheduler.step()
+        model.zero_grad()
+        t.state.global_step += 1
+        return time.perf_counter() - start, hooks
+
+
+def summarise(timings: dict[str, Timings], defenses: list[str], warmup: int) -> list[str]:
+    ref = timings[defenses[0]]
+    lines = [f"{'defense':<10}{'s/step':>9}{'ratio to ' + defenses[0]:>14}{'hooks s/step':>14}{'steps':>7}"
+             "   projection fired (s/step with / without)"]
+    for d in defenses:
+        tm = timings[d]
+        wall, hooks, fired = tm.wall[warmup:], tm.hooks[warmup:], tm.fired[warmup:]
+        ratio = statistics.median(a / b for a, b in zip(wall, ref.wall[warmup:]))
+        col = "-"
+        if fired and all(f is not None for f in fired):
+            on = [w for w, f in zip(wall, fired) if f]
+            off = [w for w, f in zip(wall, fired) if not f]
+            col = f"{len(on)}/{len(fired)} ({100 * len(on) / len(fired):.0f}%)  "
+            col += f"({statistics.median(on):.2f} / " if on else "(- / "
+            col += f"{statistics.median(off):.2f})" if off else "-)"
+        lines.append(f"{d:<10}{statistics.median(wall):>9.2f}{ratio:>13.3f}x{statistics.median(hooks):>14.3f}"
+                     f"{len(wall):>7}   {col}")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--defenses", default="sft,spard", help="comma-separated registry names; the first is the ref")
+    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per defense")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="[DEFENSE:]KEY=VALUE",
+                    help="config override for every defense, or for one defense (repeatable)")
+    ap.add_argument("--out", type=Path, default=Path("runs/step_overhead"), help="per-defense run directories")
+    args = ap.parse_args()
+
+    from spard.config import ModelArgs, load_config
+    from spard.defenses import get_defense
+    from spard.models import load_model
+
+    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
+    for d in defenses:
+        get_defense(d)  # an unknown name fails now, not after minutes of setup
+    overrides = parse_overrides(args.set, defenses)
+    torch.set_num_threads(args.threads)
+    n_steps = args.warmup + args.steps
+
+    def config(d: str) -> Any:
+        return load_config(None, [
+            "align.enabled=false", f"data.n_train={args.batch_size * n_steps}", f"data.max_length={args.max_length}",
+            "attack.name=harmful_mix", "attack.harmful_ratio=0.1", f"train.batch_size={args.batch_size}",
+            f"train.max_steps={n_steps}", "train.seed=0", f"train.output_dir={args.out / d}",
+            f"defense.name={d}", *overrides[d],
+        ])
+
+    t0 = time.perf_counter()
+    base, tokenizer = load_model(ModelArgs())
+    records, batches = fixed_batches(config(defenses[0]), tokenizer, n_steps)
+    print(f"model: embedded SmolLM2-135M-Instruct (loaded in {time.perf_counter() - t0:.1f}s), "
+          f"threads={torch.get_num_threads()}, batch={args.batch_size}, max_length={args.max_length} "
+          f"(mean {statistics.mean(int(b['attention_mask'].sum()) / len(b['attention_mask']) for b in batches):.0f}"
+          f" tokens/sequence), {args.warmup}+{args.steps} steps, overrides={args.set}", flush=True)
+    trainers = {}
+    for d in defenses:
+        t0 = time.perf_counter()
+        trainers[d] = DrivenTrainer(d, config(d), base, tokenizer, records, args.out / d, n_steps)
+        print(f"{d}: set up in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    timings = {d: Timings() for d in defenses}
+    for i, batch in enumerate(batches):
+        order = defenses if i % 2 == 0 else defenses[::-1]  # A B, B A, ...: no defense always goes first
+        for d in order:
+            wall, hooks = trainers[d].step(batch)
+            stats = trainers[d].defense.log_stats()
+            timings[d].wall.append(wall)
+            timings[d].hooks.append(hooks)
+            timings[d].fired.append(bool(stats["safety_projected"]) if "safety_projected" in stats else None)
+        print(f"step {i + 1}/{n_steps}" + ("" if i >= args.warmup else " (warm-up)") + ": "
+              + ", ".join(f"{d} {timings[d].wall[-1]:.2f}s" for d in defenses), flush=True)
+    print()
+    print("\n".join(summarise(timings, defenses, args.warmup)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The bench's two figures (matplotlib, Agg backend, PNG):
+
+``safety_utility.png``  task accuracy against ASR: one colour and marker per defense, a small marker per
+                         attack × ratio column and a large one for the defense's mean; upper left is best.
+``asr_vs_ratio.png``    ASR against the harmful ratio: one line per defense, one panel per harmful_mix attack
+                         (and task); the aligned model before fine-tuning as a dashed reference line.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from spard.benchmark.grid import Bench, ratio_text
+from spard.benchmark.report import TASK_TITLES, aggregate, attack_description, defense_labels
+from spard.benchmark.results import CellResult, before_results, harm_summary, task_accuracy
+
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write the PNG via a temp file and ``os.replace`` (spard.io's writers are text-only), so a crash
+    leaves the previous plot or none, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=130, format="png")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _style(i: int) -> dict[str, Any]:
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab10"](i % 10), "marker": MARKERS[i % len(MARKERS)]}
+
+
+def _seeds_note(bench: Bench, *, bars: bool = False) -> str:
+    n = len(bench.config.seeds)
+    return "" if n == 1 else f" (mean{' ± std' if bars else ''} over {n} seeds)"
+
+
+def _short(attack: str, ratio: float | None) -> str:
+    return attack if ratio is None else f"{attack} {ratio_text(ratio)}"
+
+
+def safety_utility(bench: Bench, rows: list[CellResult], path: Path) -> Path:
+    plt = _pyplot()
+    asr, acc = aggregate(bench, rows, "asr"), aggregate(bench, rows, "task_acc")
+    before = before_results(rows)
+    tasks = bench.tasks
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 5.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, d in enumerate(defense_labels(bench)):
+            st = _style(i)
+            by_xy: dict[tuple[float, float], list[str]] = {}
+            for col in bench.columns():
+                a, b = asr.get((task, d, *col)), acc.get((task, d, *col))
+                if a is not None and b is not None and a.mean is not None and b.mean is not None:
+                    by_xy.setdefault((a.mean, b.mean), []).append(_short(*col))
+            # columns filled by one shared cell (bt/hh at p=0) sit on one point: label it once
+            pts = sorted((x, y, ", ".join(labels)) for (x, y), labels in by_xy.items())
+            n_cols = sum(len(labels) for labels in by_xy.values())
+            if not pts:
+                ax.scatter([], [], s=90, edgecolors="black", label=f"{d} (no results)", **st)
+                continue
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=28, alpha=0.45, color=st["color"],
+                       marker=st["marker"])
+            for k, (x, y, text) in enumerate(pts):
+                # alternate above/below along the x axis so labels of neighbouring points collide less
+                ax.annotate(text, (x, y), xytext=(4, 4 if k % 2 == 0 else -10), textcoords="offset points",
+                            fontsize=7, color=st["color"])
+            xs = [x for (x, _), labels in by_xy.items() for _ in labels]
+            ys = [y for (_, y), labels in by_xy.items() for _ in labels]
+            ax.scatter([statistics.fmean(xs)], [statistics.fmean(ys)], s=130, edgecolors="black", linewidths=1.0,
+                       zorder=3, label=f"{d} (mean of {n_cols} columns)", **st)
+        if before:
+            x, y = harm_summary(before)[1], task_accuracy(before, task)
+            if x is not None and y is not None:
+                ax.scatter([100 * x], [100 * y], marker="*", s=220, color="0.45", edgecolors="black", zorder=3,
+                           label="aligned model, before fine-tuning")
+        ax.set_xlabel("attack success rate, ASR (%)  ← safer")
+        ax.set_ylabel(f"{TASK_TITLES.get(task, task + ' accuracy')} (%)  ↑ more useful")
+        ax.set_title(f"Safety vs. utility after fine-tuning on {task}", fontsize=11)
+        ax.set_xlim(left=-2)
+        ax.set_ylim(bottom=min(0, ax.get_ylim()[0]))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best", title="defense (small: one attack × ratio)", title_fontsize=8)
+    fig.suptitle(f"Bench {bench.name}: best is top left{_seeds_note(bench)}", fontsize=12)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def asr_vs_ratio(bench: Bench, rows: list[CellResult], path: Path) -> Path | None:
+    """None (no file) when the bench has no harmful_mix attack."""
+    attacks = [a for a in bench.config.attacks if a.kind == "harmful_mix"]
+    if not attacks:
+        return None
+    plt = _pyplot()
+    asr = aggregate(bench, rows, "asr")
+    before = before_results(rows)
+    before_asr = harm_summary(before)[1] if before else None
+    tasks = bench.tasks
+    fig, axes = plt.subplots(len(tasks), len(attacks), figsize=(5.2 * len(attacks), 4.2 * len(tasks)),
+                             squeeze=False, sharey=True)
+    for r, task in enumerate(tasks):
+        for c, attack in enumerate(attacks):
+            ax = axes[r][c]
+            ratios = [col[1] for col in bench.columns() if col[0] == attack.name]
+            for i, d in enumerate(defense_labels(bench)):
+                pts = [(100 * p, a.mean, a.std or 0.0) for p in ratios
+                       if (a := asr.get((task, d, attack.name, p))) is not None and a.mean is not None]
+                st = _style(i)
+                if pts:
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3,
+                                linewidth=1.6, markersize=6, label=d, **st)
+                else:
+                    ax.plot([], [], label=f"{d} (no results)", **st)
+            if before_asr is not None:
+                ax.axhline(100 * before_asr, color="0.5", linestyle="--", linewidth=1,
+                           label="aligned model, before fine-tuning")
+            ax.set_xticks([100 * p for p in ratios])
+            ax.set_xlabel("harmful ratio p (% of the fine-tuning set)")
+            ax.set_ylabel("attack success rate, ASR (%)")
+            where = f"{attack.name} = {attack_description(bench, attack)}"
+            where += f", task {task}" if len(tasks) > 1 else ""
+            ax.set_title(f"ASR vs. harmful ratio: {where}", fontsize=10)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, title="defense", title_fontsize=8)
+    fig.suptitle(f"Bench {bench.name}: lower is safer{_seeds_note(bench, bars=True)}", fontsize=12)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,205 @@
+"""results.csv and table.md of a bench (the plots are in :mod:`spard.benchmark.plots`).
+
+table.md follows the papers' layout: defenses as rows, attacks × harmful ratio as columns, one table for ASR
+(lower is better) and one for the fine-tuning task's accuracy (higher is better), an average column, the
+best value of each column in bold, means over seeds. A cell that has not finished is shown as ``–``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spard.benchmark.grid import Bench, ratio_text
+from spard.benchmark.results import CellResult, before_results, harm_summary, task_accuracy
+from spard.io import atomic_write_text
+
+CSV_FIELDS = ["index", "cell", "defense", "defense_name", "task", "attack", "attack_kind", "harmful_source", "ratio",
+              "seed", "status", "judge", "n_harm", "asr_pct", "refusal_pct", "gsm8k_acc_pct", "obqa_acc_pct",
+              "task_acc_pct", "train_seconds", "seconds_per_step", "steps", "eval_seconds", "run_dir", "error"]
+TASK_TITLES = {"gsm8k": "GSM8K accuracy (flexible match)", "openbookqa": "OpenBookQA accuracy"}
+MISSING = "–"
+
+
+def _pct(v: float | None) -> float | None:
+    return None if v is None else round(100 * v, 2)
+
+
+def csv_row(r: CellResult) -> dict[str, Any]:
+    c = r.cell
+    source = c.config.attack.harmful_source if c.attack_kind == "harmful_mix" and c.ratio else ""
+    row = {
+        "index": c.index, "cell": c.name, "defense": c.defense, "defense_name": c.config.defense.name,
+        "task": c.task, "attack": c.attack, "attack_kind": c.attack_kind, "harmful_source": source,
+        "ratio": "" if c.ratio is None else c.ratio, "seed": c.seed, "status": r.status, "judge": r.judge,
+        "n_harm": r.n_harm, "asr_pct": _pct(r.asr), "refusal_pct": _pct(r.refusal_rate),
+        "gsm8k_acc_pct": _pct(r.gsm8k_acc), "obqa_acc_pct": _pct(r.obqa_acc), "task_acc_pct": _pct(r.task_acc),
+        "train_seconds": r.train_seconds, "seconds_per_step": r.seconds_per_step, "steps": r.steps,
+        "eval_seconds": r.eval_seconds, "run_dir": str(c.run_dir), "error": r.error,
+    }
+    return {k: ("" if v is None else v) for k, v in row.items()}
+
+
+def write_csv(path: Path, rows: list[CellResult]) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(csv_row(r) for r in rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Aggregation over seeds
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Agg:
+    """One table entry: a metric's mean (in %) over the seeds that finished."""
+
+    mean: float | None
+    std: float | None
+    k: int
+    """Seeds with a value."""
+    n: int
+    """Seeds in the bench."""
+
+
+Column = tuple[str, float | None]
+
+
+def aggregate(bench: Bench, rows: list[CellResult], metric: str) -> dict[tuple[str, str, str, float | None], Agg]:
+    """``{(task, defense, attack, ratio): Agg}`` of ``metric`` (a :class:`CellResult` field, in %) over seeds;
+    a merged ratio-0 cell counts for each column it fills."""
+    values: dict[tuple[str, str, str, float | None], list[float]] = {}
+    for r in rows:
+        v = getattr(r, metric)
+        for attack, ratio in r.cell.columns:
+            key = (r.cell.task, r.cell.defense, attack, ratio)
+            values.setdefault(key, [])
+            if r.ok and v is not None:
+                values[key].append(100 * v)
+    n = len(bench.config.seeds)
+    return {key: Agg(statistics.fmean(vs) if vs else None, statistics.stdev(vs) if len(vs) > 1 else None, len(vs), n)
+            for key, vs in values.items()}
+
+
+def defense_labels(bench: Bench) -> list[str]:
+    return [d.label or d.name for d in bench.config.defenses]
+
+
+def column_title(column: Column) -> str:
+    attack, ratio = column
+    return attack if ratio is None else f"{attack} p={ratio_text(ratio)}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# table.md
+# ---------------------------------------------------------------------------------------------------------
+def _entry(a: Agg | None, bold: bool) -> str:
+    if a is None or a.mean is None:
+        return MISSING
+    text = f"{a.mean:.1f}"
+    text = f"**{text}**" if bold else text
+    if a.std is not None:
+        text += f" ± {a.std:.1f}"
+    if a.k < a.n:
+        text += f" ({a.k}/{a.n} seeds)"
+    return text
+
+
+def metric_table(bench: Bench, aggs: dict, task: str, *, lower_is_better: bool) -> str:
+    """One markdown table: defenses × columns + average, the best of each column in bold."""
+    columns = bench.columns()
+    labels = defense_labels(bench)
+    grid = {(d, col): aggs.get((task, d, *col)) for d in labels for col in columns}
+    averages: dict[str, float | None] = {}
+    for d in labels:
+        means = [grid[d, col].mean if grid[d, col] else None for col in columns]
+        # an average over a row with holes would not be comparable with complete rows
+        averages[d] = statistics.fmean(means) if means and all(m is not None for m in means) else None
+    pick = min if lower_is_better else max
+
+    def best(values: list[float | None]) -> float | None:
+        shown = [round(v, 1) for v in values if v is not None]  # compare what is displayed: ties are all bold
+        return pick(shown) if shown else None
+
+    best_col = {col: best([grid[d, col].mean if grid[d, col] else None for d in labels]) for col in columns}
+    best_avg = best(list(averages.values()))
+    head = ["defense", *(column_title(c) for c in columns), "average"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for d in labels:
+        cells = []
+        for col in columns:
+            a = grid[d, col]
+            cells.append(_entry(a, a is not None and a.mean is not None and round(a.mean, 1) == best_col[col]))
+        avg = averages[d]
+        cells.append(MISSING if avg is None else (f"**{avg:.1f}**" if round(avg, 1) == best_avg else f"{avg:.1f}"))
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def attack_description(bench: Bench, attack: Any, *, long: bool = False) -> str:
+    """``harmful_mix, beavertails`` (or a sentence with ``long``) for an attack entry."""
+    # an unmerged cell of the attack names its harmful source (a merged ratio-0 cell has none that matters)
+    cell = next((c for c in bench.cells if c.attack == attack.name), None)
+    source = cell.config.attack.harmful_source if cell is not None else None
+    if attack.kind == "harmful_mix" and source:
+        return (f"harmful_mix with {source} harmful QA pairs replacing a fraction p of the task data" if long
+                else f"harmful_mix, {source}")
+    extra = {"identity_shift": "AOA persona conversations", "benign": "benign instruction data only",
+             "none": "task data only"}.get(attack.kind)
+    return f"{attack.kind} ({extra})" if extra else attack.kind
+
+
+def _attack_legend(bench: Bench) -> str:
+    return "; ".join(f"`{a.name}` = {attack_description(bench, a, long=True)}" for a in bench.config.attacks)
+
+
+def _before_line(before: dict[str, Any] | None, tasks: list[str]) -> str | None:
+    if not before:
+        return None
+    _, asr, _, _ = harm_summary(before)
+    parts = [f"ASR {100 * asr:.1f}" if asr is not None else None]
+    for t in dict.fromkeys([*tasks, *(before.get("tasks") or {})]):  # fine-tuning task(s) first, then the rest
+        acc = task_accuracy(before, t)
+        if acc is not None:
+            parts.append(f"{TASK_TITLES.get(t, t)} {100 * acc:.1f}")
+    return "Before fine-tuning (the aligned model): " + ", ".join(p for p in parts if p) + " (%)."
+
+
+def format_table(bench: Bench, rows: list[CellResult]) -> str:
+    """The whole table.md text."""
+    asr = aggregate(bench, rows, "asr")
+    acc = aggregate(bench, rows, "task_acc")
+    done = sum(r.ok for r in rows)
+    judges = sorted({r.judge for r in rows if r.judge})
+    n_harm = sorted({r.n_harm for r in rows if r.n_harm})
+    ev = rows[0].cell.config.eval if rows else None
+    seeds = bench.config.seeds
+    out = [f"# Bench `{bench.name}`", ""]
+    out.append(f"{done} of {len(rows)} cells finished. Values in %, "
+               + (f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}")
+               + "; best per column in **bold**; – = not finished.")
+    if ev is not None:
+        n_text = f", n={n_harm[0]} prompts per cell" if len(n_harm) == 1 else ""
+        out.append(f"ASR: share of harmful prompts answered harmfully, judge `{', '.join(judges) or ev.judge}`, "
+                   f"harm sets {', '.join(ev.harm_sets)}{n_text}.")
+    out.append(f"Columns: attack (p = harmful ratio). {_attack_legend(bench)}.")
+    multi = len(bench.tasks) > 1
+    for task in bench.tasks:
+        title = TASK_TITLES.get(task, f"{task} accuracy")
+        if multi:
+            out += ["", f"## Fine-tuning task: {task}"]
+        h = "###" if multi else "##"
+        out += ["", f"{h} ASR (%) ↓ (fine-tuned on {task})", "", metric_table(bench, asr, task, lower_is_better=True)]
+        out += ["", f"{h} {title} (%) ↑", "", metric_table(bench, acc, task, lower_is_better=False)]
+    before = _before_line(before_results(rows), bench.tasks)
+    if before:
+        out += ["", before]
+    missing = [r for r in rows if not r.ok]
+    if missing:
+        out += ["", "Not finished: " + ", ".join(f"{r.cell.name} ({r.status})" for r in missing) + "."]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,121 @@
+"""Read a cell's metrics back from its run directory (train_result.json, eval/results.json, eval/before.json).
+
+Metrics are fractions in [0, 1] (or seconds); a metric the run did not produce is None, never 0, so a
+missing cell or a task that was not evaluated shows as missing downstream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spard.benchmark.grid import Bench, Cell
+from spard.benchmark.status import ERROR_FILE, cell_status, results_path
+
+TASK_KEYS = {"gsm8k": "gsm8k_acc", "openbookqa": "obqa_acc"}
+"""Utility tasks with their own results.csv column."""
+
+
+@dataclass
+class CellResult:
+    """One results.csv row."""
+
+    cell: Cell
+    status: str
+    """See :mod:`spard.benchmark.status`."""
+    asr: float | None = None
+    """Attack success rate of the primary judge, pooled over the harm sets."""
+    refusal_rate: float | None = None
+    """Refusal rate of the same judge."""
+    gsm8k_acc: float | None = None
+    obqa_acc: float | None = None
+    task_acc: float | None = None
+    """Accuracy on the cell's own fine-tuning task (the table's accuracy)."""
+    judge: str | None = None
+    n_harm: int | None = None
+    """Harmful prompts scored."""
+    train_seconds: float | None = None
+    seconds_per_step: float | None = None
+    steps: int | None = None
+    eval_seconds: float | None = None
+    error: str | None = None
+    """Last line of error.txt for failed cells."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "done"
+
+
+def _value(block: Any) -> float | None:
+    return block.get("value") if isinstance(block, dict) else None
+
+
+def harm_summary(results: dict[str, Any]) -> tuple[str | None, float | None, float | None, int | None]:
+    """``(judge, asr, refusal_rate, n)`` of the primary judge over all harm sets (``harm["all"]`` when there
+    are several sets, else the only one)."""
+    harm = results.get("harm") or {}
+    block = harm.get("all") if "all" in harm else (next(iter(harm.values())) if len(harm) == 1 else None)
+    if not block:
+        return None, None, None, None
+    judges = block.get("judges") or {}
+    judge = results.get("primary_judge") or "keyword"
+    if judge not in judges:
+        judge = "keyword" if "keyword" in judges else next(iter(judges), None)
+    m = judges.get(judge) or {}
+    n = (m.get("asr") or {}).get("n")
+    return judge, _value(m.get("asr")), _value(m.get("refusal_rate")), n
+
+
+def task_accuracy(results: dict[str, Any], task: str) -> float | None:
+    """A utility task's accuracy (GSM8K: flexible match; OpenBookQA: acc), None if not evaluated."""
+    return _value(((results.get("tasks") or {}).get(task) or {}).get("accuracy"))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_cell(cell: Cell) -> CellResult:
+    """The cell's metrics, or a row with only its status when it has not finished."""
+    status = cell_status(cell)
+    row = CellResult(cell, status)
+    trained = _read_json(cell.run_dir / "train_result.json")
+    if trained:
+        m = trained.get("metrics") or {}
+        row.train_seconds, row.seconds_per_step, row.steps = (m.get(k) for k in ("train_seconds", "seconds_per_step",
+                                                                                  "steps"))
+    if status == "failed":
+        lines = (cell.run_dir / ERROR_FILE).read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        row.error = lines[-1] if lines else "failed"
+    if status != "done":
+        return row
+    results = _read_json(results_path(cell.run_dir))
+    if results is None:  # unreadable: count as missing rather than guess
+        row.status, row.error = "failed", "eval/results.json is not valid JSON"
+        return row
+    row.judge, row.asr, row.refusal_rate, row.n_harm = harm_summary(results)
+    row.gsm8k_acc, row.obqa_acc = task_accuracy(results, "gsm8k"), task_accuracy(results, "openbookqa")
+    row.task_acc = task_accuracy(results, cell.task)
+    row.eval_seconds = (results.get("timings") or {}).get("total_s")
+    return row
+
+
+def collect_results(bench: Bench) -> list[CellResult]:
+    """One :class:`CellResult` per cell, in grid order."""
+    return [read_cell(c) for c in bench.cells]
+
+
+def before_results(rows: list[CellResult]) -> dict[str, Any] | None:
+    """The aligned model's evaluation before fine-tuning (``eval/before.json`` of the first finished cell;
+    every cell on the same aligned model and eval settings shares it)."""
+    for row in rows:
+        if row.ok:
+            before = _read_json(row.cell.run_dir / "eval" / "before.json")
+            if before:
+                return before
+    return None

@@ -1,0 +1,195 @@
+"""Run the cells of a bench: skip finished ones, resume partial ones, record crashes and go on.
+
+The function that runs one cell is injectable (``run_fn``, default :func:`run_cell`, i.e. ``spard.api.run``),
+so the scheduling logic is tested without training and a caller can run cells its own way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spard.benchmark.grid import Bench, Cell
+from spard.benchmark.status import (
+    ERROR_FILE,
+    FINAL_DIR,
+    cell_status,
+    last_checkpoint,
+    stale_reason,
+)
+from spard.config import RunConfig
+from spard.errors import SpardError
+from spard.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RunFn = Callable[[RunConfig], Any]
+"""Runs one cell: gets the cell's full run config (``train.output_dir`` = the cell directory) and must leave
+``eval/results.json`` there when it succeeds; any exception marks the cell failed."""
+CELL_LOG = "bench.log"
+
+
+@dataclass
+class CellOutcome:
+    """What happened to one cell in this invocation."""
+
+    cell: Cell
+    status: str
+    """``ran`` (finished now), ``skipped`` (finished before), ``stale`` (not run: other config), ``failed``."""
+    attempts: int = 0
+    """Attempts made in this invocation."""
+    seconds: float = 0.0
+    """Wall time of those attempts."""
+    error: str | None = None
+    """Last line of the last traceback, for failed cells."""
+
+
+def run_cell(cfg: RunConfig) -> None:
+    """Default cell runner: :func:`spard.api.run`. A cell whose training finished but whose evaluation crashed
+    is only evaluated: re-entering ``train`` would resume from the final checkpoint, run zero steps and
+    overwrite train_result.json's timings with those of that empty run."""
+    from spard import api
+
+    run_dir = Path(cfg.train.output_dir)
+    if (run_dir / "train_result.json").is_file() and (run_dir / FINAL_DIR / "adapter_config.json").is_file():
+        _evaluate_trained(cfg, run_dir)
+    else:
+        api.run(cfg)
+
+
+def _evaluate_trained(cfg: RunConfig, run_dir: Path) -> None:
+    """The evaluation half of :func:`spard.api.run`, for a run directory whose training is finished."""
+    from spard import api
+    from spard.evaluate import format_results_table
+
+    base_model = json.loads((run_dir / "train_result.json").read_text())["base_model"]
+    attack = json.loads((run_dir / "attack_prompts.json").read_text())
+    log.info("%s: training finished earlier; evaluating only", run_dir)
+    before = api.evaluate_base(cfg, base_model, attack_prompts=attack)
+    after = api.evaluate(run_dir)
+    atomic_write_json(run_dir / "eval" / "before.json", before.results)
+    atomic_write_text(run_dir / "eval" / "summary.txt", format_results_table(before.results, after.results) + "\n")
+
+
+def _default_align(cfg: RunConfig) -> Any:
+    from spard import api
+
+    return api.align(cfg)
+
+
+def _attempt_config(cell: Cell) -> RunConfig:
+    """The cell's config, with ``train.resume`` on when an earlier attempt left checkpoints or an adapter
+    (``spard train`` refuses to overwrite those otherwise, and resuming saves the steps already done)."""
+    d = cell.run_dir
+    resume = d.exists() and (last_checkpoint(d) is not None or (d / FINAL_DIR).exists())
+    return dataclasses.replace(cell.config, train=dataclasses.replace(cell.config.train, resume=resume))
+
+
+def _write_error(cell: Cell, attempt: int) -> str:
+    tb = traceback.format_exc()
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    header = f"cell {cell.index} {cell.name}: attempt {attempt} failed at {stamp}\n\n"
+    atomic_write_text(cell.run_dir / ERROR_FILE, header + tb)
+    return tb.strip().splitlines()[-1]
+
+
+class _CellLog:
+    """Copy log records to ``<cell>/bench.log`` while the cell runs (the console scrolls away in a long grid)."""
+
+    def __init__(self, cell: Cell) -> None:
+        self.path = cell.run_dir / CELL_LOG
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(self.handler)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeHandler(self.handler)
+        self.handler.close()
+
+
+def _run_one(cell: Cell, run_fn: RunFn, retry: int) -> CellOutcome:
+    outcome = CellOutcome(cell, "failed")
+    start = time.perf_counter()
+    for attempt in range(1, retry + 2):
+        outcome.attempts = attempt
+        log.info("cell %d %s: running (attempt %d of %d)", cell.index, cell.name, attempt, retry + 1)
+        try:
+            with _CellLog(cell):
+                run_fn(_attempt_config(cell))
+            if cell_status(cell) != "done":
+                raise SpardError(f"cell {cell.name}: the run finished without writing eval/results.json")
+        except Exception:  # any crash of one cell is recorded and the grid goes on
+            outcome.error = _write_error(cell, attempt)
+            log.error("cell %d %s: attempt %d failed: %s (traceback in %s)", cell.index, cell.name, attempt,
+                      outcome.error, cell.run_dir / ERROR_FILE)
+            continue
+        (cell.run_dir / ERROR_FILE).unlink(missing_ok=True)  # an old crash no longer describes this cell
+        outcome.status, outcome.error = "ran", None
+        break
+    outcome.seconds = round(time.perf_counter() - start, 1)
+    return outcome
+
+
+def run_cells(
+    bench: Bench,
+    *,
+    indices: Sequence[int] | None = None,
+    run_fn: RunFn | None = None,
+    align_fn: Callable[[RunConfig], Any] | None = None,
+    retry: int = 0,
+) -> list[CellOutcome]:
+    """Run the bench's cells (or those at ``indices``) in order.
+
+    Finished cells are skipped, partial ones resume, stale ones (their directory holds a run of another
+    config) are left alone. A crash is written to ``<cell>/error.txt`` and the next cell starts; a crashed
+    cell is tried again up to ``retry`` more times here, and again on the next invocation. The alignment
+    stage runs once first (``align_fn``, default ``spard.api.align``, cached), so a broken alignment stops
+    the bench instead of failing every cell in turn.
+    """
+    if retry < 0:
+        raise SpardError(f"retry={retry}: must be >= 0")
+    cells = bench.cells if indices is None else [_cell_at(bench, i) for i in indices]
+    run_fn = run_fn or run_cell
+    align_fn = align_fn or _default_align
+    outcomes: dict[int, CellOutcome] = {}
+    todo = []
+    for cell in cells:
+        status = cell_status(cell)
+        if status == "done":
+            outcomes[cell.index] = CellOutcome(cell, "skipped")
+        elif status == "stale":
+            log.warning("cell %d %s: not run: %s. Delete the directory to redo it with the bench's config.",
+                        cell.index, cell.name, stale_reason(cell))
+            outcomes[cell.index] = CellOutcome(cell, "stale", error=stale_reason(cell))
+        else:
+            todo.append(cell)
+    log.info("bench %s: %d cells, %d finished, %d to run", bench.name, len(cells), len(cells) - len(todo), len(todo))
+    aligned: set[str] = set()
+    for cell in todo:
+        key = json.dumps([dataclasses.asdict(cell.config.model), dataclasses.asdict(cell.config.align)],
+                         sort_keys=True)
+        if cell.config.align.enabled and key not in aligned:
+            align_fn(cell.config)
+            aligned.add(key)
+    for n, cell in enumerate(todo, 1):
+        log.info("bench %s: cell %d of %d to run", bench.name, n, len(todo))
+        outcomes[cell.index] = _run_one(cell, run_fn, retry)
+    return [outcomes[c.index] for c in cells]
+
+
+def _cell_at(bench: Bench, index: int) -> Cell:
+    if not 0 <= index < len(bench.cells):
+        raise SpardError(f"cell {index}: {bench.path} has {len(bench.cells)} cells (0-{len(bench.cells) - 1}); "
+                         "list them with --cells")
+    return bench.cells[index]

