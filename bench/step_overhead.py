@@ -92,7 +92,7 @@ class DrivenTrainer:
         model = add_lora(copy.deepcopy(base), cfg.lora, cfg.train.seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.trainer = t = SpardTrainer(
-            model=model, args=training_arguments(cfg.train, run_dir, n_examples=len(records)), train_dataset=[],
+            model=model, args=training_arguments(cfg.train, run_dir), train_dataset=[],
             data_collator=lambda batch: collate(batch, tokenizer.pad_token_id), processing_class=tokenizer,
             defense=self.defense,
         )

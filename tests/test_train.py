@@ -64,6 +64,10 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_tok):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
     steps = [json.loads(line)["step"] for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # rows logged after the checkpoint were not duplicated
+    # resuming a finished run trains nothing and keeps its recorded metrics
+    again = train(tiny_config(tmp_path, "interrupted", *extra, "train.resume=true"),
+                  model=tiny_model(tiny_tok), tokenizer=tiny_tok)
+    assert again.metrics == resumed.metrics
 
 
 def test_safeinstr_adds_safety_examples(tmp_path, tiny_tok):

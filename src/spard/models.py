@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from spard.config import ModelArgs
 from spard.errors import ModelError
@@ -163,7 +163,3 @@ def model_fingerprint(args: ModelArgs) -> str:
     """A short stable id of a model choice, for cache keys."""
     blob = json.dumps({"name": args.name_or_path, "revision": args.revision}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def model_config(path: str, args: ModelArgs) -> Any:
-    return AutoConfig.from_pretrained(path, revision=args.revision, trust_remote_code=args.trust_remote_code)

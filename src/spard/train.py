@@ -110,7 +110,7 @@ def add_lora(model: PreTrainedModel, lora: LoraArgs, seed: int) -> PeftModel:
         return get_peft_model(model, config)
 
 
-def training_arguments(args: TrainArgs, run_dir: Path, *, n_examples: int) -> TrainingArguments:
+def training_arguments(args: TrainArgs, run_dir: Path) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
     bf16 = str(args.bf16).lower() == "true" or (
         str(args.bf16).lower() == "auto" and on_gpu and torch.cuda.is_bf16_supported()
@@ -198,7 +198,7 @@ def fit(
         metrics_path.unlink()
     trainer = SpardTrainer(
         model=peft_model,
-        args=training_arguments(args, run_dir, n_examples=len(features)),
+        args=training_arguments(args, run_dir),
         train_dataset=features,
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
         processing_class=tokenizer,
@@ -245,13 +245,13 @@ def train(cfg: RunConfig, *, callbacks: list[TrainerCallback] | None = None,
     from spard.align import base_for_finetuning
 
     run_dir = Path(cfg.train.output_dir)
-    resume_from = prepare_run_dir(run_dir, resume=cfg.train.resume)
-    if cfg.train.resume and resume_from is None and (run_dir / FINAL_DIR / "adapter_config.json").exists():
+    if cfg.train.resume and (run_dir / "train_result.json").is_file():
         import json
 
-        log.info("run %s already finished; nothing to resume", run_dir)
+        log.info("run %s already finished; nothing to resume", run_dir)  # keep its metrics, don't rewrite them
         done = json.loads((run_dir / "train_result.json").read_text())
         return TrainResult(run_dir, run_dir / FINAL_DIR, done["base_model"], done["metrics"])
+    resume_from = prepare_run_dir(run_dir, resume=cfg.train.resume)
     base_args, base_name = base_for_finetuning(cfg) if model is None else (cfg.model, cfg.model.name_or_path)
     if model is None or tokenizer is None:
         from spard.models import load_model

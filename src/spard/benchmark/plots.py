@@ -19,6 +19,7 @@ from spard.benchmark.report import TASK_TITLES, aggregate, attack_description, d
 from spard.benchmark.results import CellResult, before_results, harm_summary, task_accuracy
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
+LINESTYLES = ["-", "--", "-.", ":"]
 
 
 def _pyplot() -> Any:
@@ -50,6 +51,17 @@ def _style(i: int) -> dict[str, Any]:
     return {"color": matplotlib.colormaps["tab10"](i % 10), "marker": MARKERS[i % len(MARKERS)]}
 
 
+def _size(i: int, first: float) -> float:
+    """Marker size of the i-th defense: a little smaller each, so defenses on the same point stay visible as
+    nested markers instead of the last one hiding the others."""
+    return max(first * 0.18, first * 0.55**i)
+
+
+def _upper(values: list[float]) -> float:
+    """Axis top for percentages: some headroom, at least 10 (a flat 0 % row still gets a sane axis), at most 102."""
+    return max(10.0, min(102.0, max(values, default=0.0) * 1.12 + 3))
+
+
 def _seeds_note(bench: Bench, *, bars: bool = False) -> str:
     n = len(bench.config.seeds)
     return "" if n == 1 else f" (mean{' ± std' if bars else ''} over {n} seeds)"
@@ -66,6 +78,8 @@ def safety_utility(bench: Bench, rows: list[CellResult], path: Path) -> Path:
     tasks = bench.tasks
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 5.0), squeeze=False)
     for ax, task in zip(axes[0], tasks):
+        all_x: list[float] = []
+        all_y: list[float] = []
         for i, d in enumerate(defense_labels(bench)):
             st = _style(i)
             by_xy: dict[tuple[float, float], list[str]] = {}
@@ -76,6 +90,8 @@ def safety_utility(bench: Bench, rows: list[CellResult], path: Path) -> Path:
             # columns filled by one shared cell (bt/hh at p=0) sit on one point: label it once
             pts = sorted((x, y, ", ".join(labels)) for (x, y), labels in by_xy.items())
             n_cols = sum(len(labels) for labels in by_xy.values())
+            all_x += [p[0] for p in pts]
+            all_y += [p[1] for p in pts]
             if not pts:
                 ax.scatter([], [], s=90, edgecolors="black", label=f"{d} (no results)", **st)
                 continue
@@ -87,18 +103,20 @@ def safety_utility(bench: Bench, rows: list[CellResult], path: Path) -> Path:
                             fontsize=7, color=st["color"])
             xs = [x for (x, _), labels in by_xy.items() for _ in labels]
             ys = [y for (_, y), labels in by_xy.items() for _ in labels]
-            ax.scatter([statistics.fmean(xs)], [statistics.fmean(ys)], s=130, edgecolors="black", linewidths=1.0,
-                       zorder=3, label=f"{d} (mean of {n_cols} columns)", **st)
+            ax.scatter([statistics.fmean(xs)], [statistics.fmean(ys)], s=_size(i, 200), edgecolors="black",
+                       linewidths=1.0, zorder=3 + 0.1 * i, label=f"{d} (mean of {n_cols} columns)", **st)
         if before:
             x, y = harm_summary(before)[1], task_accuracy(before, task)
             if x is not None and y is not None:
-                ax.scatter([100 * x], [100 * y], marker="*", s=220, color="0.45", edgecolors="black", zorder=3,
+                all_x.append(100 * x)
+                all_y.append(100 * y)
+                ax.scatter([100 * x], [100 * y], marker="*", s=300, color="0.75", edgecolors="0.3", zorder=2,
                            label="aligned model, before fine-tuning")
         ax.set_xlabel("attack success rate, ASR (%)  ← safer")
         ax.set_ylabel(f"{TASK_TITLES.get(task, task + ' accuracy')} (%)  ↑ more useful")
         ax.set_title(f"Safety vs. utility after fine-tuning on {task}", fontsize=11)
-        ax.set_xlim(left=-2)
-        ax.set_ylim(bottom=min(0, ax.get_ylim()[0]))
+        ax.set_xlim(-2, _upper(all_x))
+        ax.set_ylim(-1, _upper(all_y))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best", title="defense (small: one attack × ratio)", title_fontsize=8)
     fig.suptitle(f"Bench {bench.name}: best is top left{_seeds_note(bench)}", fontsize=12)
@@ -120,6 +138,7 @@ def asr_vs_ratio(bench: Bench, rows: list[CellResult], path: Path) -> Path | Non
     tasks = bench.tasks
     fig, axes = plt.subplots(len(tasks), len(attacks), figsize=(5.2 * len(attacks), 4.2 * len(tasks)),
                              squeeze=False, sharey=True)
+    shown: list[float] = [100 * before_asr] if before_asr is not None else []
     for r, task in enumerate(tasks):
         for c, attack in enumerate(attacks):
             ax = axes[r][c]
@@ -128,13 +147,15 @@ def asr_vs_ratio(bench: Bench, rows: list[CellResult], path: Path) -> Path | Non
                 pts = [(100 * p, a.mean, a.std or 0.0) for p in ratios
                        if (a := asr.get((task, d, attack.name, p))) is not None and a.mean is not None]
                 st = _style(i)
-                if pts:
+                shown += [p[1] + p[2] for p in pts]
+                if pts:  # line style and marker size vary too, so defenses with equal results stay distinguishable
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3,
-                                linewidth=1.6, markersize=6, label=d, **st)
+                                linewidth=1.8, linestyle=LINESTYLES[i % len(LINESTYLES)],
+                                markersize=_size(i, 9), label=d, zorder=3 + 0.1 * i, **st)
                 else:
                     ax.plot([], [], label=f"{d} (no results)", **st)
             if before_asr is not None:
-                ax.axhline(100 * before_asr, color="0.5", linestyle="--", linewidth=1,
+                ax.axhline(100 * before_asr, color="0.6", linewidth=4, alpha=0.45, zorder=1,
                            label="aligned model, before fine-tuning")
             ax.set_xticks([100 * p for p in ratios])
             ax.set_xlabel("harmful ratio p (% of the fine-tuning set)")
@@ -142,9 +163,9 @@ def asr_vs_ratio(bench: Bench, rows: list[CellResult], path: Path) -> Path | Non
             where = f"{attack.name} = {attack_description(bench, attack)}"
             where += f", task {task}" if len(tasks) > 1 else ""
             ax.set_title(f"ASR vs. harmful ratio: {where}", fontsize=10)
-            ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, title="defense", title_fontsize=8)
+    axes[0][0].set_ylim(-1, _upper(shown))  # shared y axis
     fig.suptitle(f"Bench {bench.name}: lower is safer{_seeds_note(bench, bars=True)}", fontsize=12)
     fig.tight_layout()
     _save(fig, path)

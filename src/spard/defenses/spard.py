@@ -76,7 +76,7 @@ class SpardArgs(DefenseArgs):
     safety_k: int | None = None
     """Explicit safety subset size (overrides ``safety_fraction``)."""
     beta: float = 4.0
-    """DPP relevance sharpness: quality = exp(beta * max cosine similarity to a task prompt)."""
+    """DPP relevance sharpness: quality = max(0, max cosine similarity to a task prompt) ** beta."""
     embedder: str = "base"
     """Prompt embedder for selection: ``base`` (mean-pooled last hidden state of the model being fine-tuned,
     LoRA adapter disabled) or a sentence-transformers hub id / local path."""

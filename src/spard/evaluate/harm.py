@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from spard.data.build import normalise_prompt
 from spard.data.records import Record
 from spard.data.sources import SOURCES, FieldMap, load_source
 from spard.errors import DataError, SpardError
@@ -56,11 +57,6 @@ def load_harm_sets_by_name(args: Any) -> dict[str, list[Record]]:
 def load_harm_sets(args: Any) -> list[Record]:
     """The records of all harm sets of ``args`` in one list (e.g. for :func:`check_overlap`)."""
     return [r for records in load_harm_sets_by_name(args).values() for r in records]
-
-
-def normalise_prompt(text: str) -> str:
-    """Comparison key for overlap checks: stripped, case-folded, whitespace runs collapsed to one space."""
-    return " ".join(text.split()).casefold()
 
 
 def check_overlap(eval_prompts: Iterable[str], attack_prompts: Iterable[str], allow_overlap: bool = False) -> list[str]:
