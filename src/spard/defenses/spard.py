@@ -8,9 +8,9 @@ The defense never adds safety data to the utility loss. Instead:
    sentence-transformers encoder. Attack prompts never enter the pool. The subset is written to
    ``run_dir/safety_subset.jsonl`` (+ ``safety_subset_stats.json``); embeddings are cached under the run dir.
 2. **SPAG** (``after_optimizer_step``): after every utility step, ``L_s`` (mean assistant-token
-   cross-entropy on the next cyclic batch of that subset) is measured without gradients. Only when
-   ``L_s > tau + delta`` is the safety gradient computed and a first-order projection toward
-   ``{θ : L_s(θ) ≤ tau}`` applied (:mod:`spard.projection`).
+   cross-entropy on the next cyclic batch of that subset) is measured. Only when ``L_s > tau + delta``
+   does the backward run and a first-order projection toward ``{θ : L_s(θ) ≤ tau}`` get applied
+   (:mod:`spard.projection`).
 
 Multi-process (DDP) runs: every rank draws its own slice of one global safety batch; the loss sums, token
 counts and the gradient are all-reduced explicitly, so every rank sees the same ``L_s`` and gradient,
@@ -357,26 +357,29 @@ class Spard(Defense):
         return token_cross_entropy_sum(out.logits, batch["labels"])
 
     def after_optimizer_step(self, trainer: SpardTrainer) -> None:
+        # One forward, with autograd on, serves both the trigger and (if it fires) the backward. The spec's
+        # "no-grad forward first, then forward + backward" computes the same L_s, decision and gradient with
+        # one more forward whenever the projection fires (~6 % of a step at batch 8 vs safety batch 1, and
+        # with tau = 0.2 a small model fires on most steps). Peak memory is unchanged: the graph kept is the
+        # one the spec's variant builds whenever it fires, and the utility batch's larger one is freed by now.
+        # With L_s <= tau + delta the graph is simply dropped, so no backward runs.
         a, model = self.args, trainer.model
         batch = self.next_batch(trainer)
-        with self._forward_context(trainer), torch.no_grad():
+        for p in self.params:  # the task gradient is still in .grad (HF zeroes it only after this hook)
+            p.grad = None
+        with self._forward_context(trainer):
             loss_sum, n_tokens = self._loss_sum(model, batch)
-        totals = all_reduce_sum_(torch.stack([loss_sum.double(), n_tokens.double()]))
+        totals = all_reduce_sum_(torch.stack([loss_sum.detach().double(), n_tokens.double()]))
         n_global = float(totals[1])
         loss = float(totals[0]) / n_global if n_global > 0 else float("nan")
         stats = _StepStats(loss=loss)
         self.state.steps += 1
         if math.isfinite(loss) and loss > a.tau + a.delta:
-            stats = self._project(trainer, batch, loss, n_global)
+            stats = self._project(trainer, loss_sum, loss, n_global)
         self.state.last = stats
 
-    def _safety_grads(self, trainer: SpardTrainer, batch: dict[str, torch.Tensor],
-                      n_global: float) -> list[torch.Tensor]:
+    def _safety_grads(self, loss_sum: torch.Tensor, n_global: float) -> list[torch.Tensor]:
         """All-reduced gradient of the global token-mean ``L_s`` (each rank back-props its sum / global count)."""
-        for p in self.params:  # the task gradient is still in .grad (HF zeroes it after this hook)
-            p.grad = None
-        with self._forward_context(trainer):
-            loss_sum, _ = self._loss_sum(trainer.model, batch)
         (loss_sum / n_global).backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         all_reduce_grads_(grads)
@@ -405,9 +408,8 @@ class Spard(Defense):
         moved = global_grad_norm([p.detach() - b for p, b in zip(self.params, before)])
         return moved, norm
 
-    def _project(self, trainer: SpardTrainer, batch: dict[str, torch.Tensor], loss: float,
-                 n_global: float) -> _StepStats:
-        grads = self._safety_grads(trainer, batch, n_global)
+    def _project(self, trainer: SpardTrainer, loss_sum: torch.Tensor, loss: float, n_global: float) -> _StepStats:
+        grads = self._safety_grads(loss_sum, n_global)
         if self.args.projection == "halfspace":
             step_norm, norm = self._apply_halfspace(grads, loss)
         else:
