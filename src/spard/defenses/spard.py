@@ -194,7 +194,7 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_grads_(grads: list[torch.Tensor]) -> None:
-    """Sum gradients over ranks in place, through one flat fp32 buffer (one collective, exact fp32 sum)."""
+    """Sum gradients over ranks in place, through one flat fp32 buffer (one collective, summed in fp32)."""
     if _world_size() <= 1 or not grads:
         return
     flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -233,6 +233,8 @@ class _State:
 
 @register
 class Spard(Defense):
+    """SPARD: DPP-selected refusals, kept out of the utility loss, enforced by a safety projection per step."""
+
     name = "spard"
     Args = SpardArgs
     args: SpardArgs
