@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -191,7 +192,7 @@ def loglikelihoods(
 # ---------------------------------------------------------------------------------------------------------
 # Tasks
 # ---------------------------------------------------------------------------------------------------------
-class Task:
+class Task(ABC):
     """A utility task. Subclasses set ``name``/``source`` and implement :meth:`evaluate`."""
 
     name: str = ""
@@ -204,10 +205,10 @@ class Task:
             raise DataError(f"task {self.name}: split {split!r} has no records")
         return records
 
+    @abstractmethod
     def evaluate(self, model: Any, tokenizer: Any, records: Sequence[Record], args: Any
                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Score the model on ``records``; returns ``(metrics, samples)``."""
-        raise NotImplementedError
 
 
 class GenerativeTask(Task):
@@ -220,12 +221,13 @@ class GenerativeTask(Task):
     def prompt(self, record: Record, args: Any) -> list[dict[str, str]]:
         return [m for m in record.messages if m["role"] != "assistant"]
 
+    @abstractmethod
     def max_new_tokens(self, args: Any) -> int:
-        raise NotImplementedError
+        """Reply length for this task."""
 
+    @abstractmethod
     def score(self, record: Record, response: str) -> dict[str, Any]:
         """Sample fields for one reply; must include ``correct``."""
-        raise NotImplementedError
 
     def aggregate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {"n": len(samples), "accuracy": accuracy([s["correct"] for s in samples])}
