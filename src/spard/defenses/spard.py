@@ -296,6 +296,7 @@ class Spard(Defense):
                  self.args.selection, self.args.tau, self.args.delta, self.args.projection)
 
     def make_embedder(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> Any:
+        """The prompt embedder ``defense.embedder`` names (``base`` = ``model`` with its adapter off)."""
         if self.args.embedder == "base":
             max_length = self.args.safety_max_length or 512
             return BaseModelEmbedder(model, tokenizer, max_length=max_length)
