@@ -15,8 +15,11 @@ scheduler, ``accelerator.prepare``) and its hooks run as in ``Trainer.train`` (`
 step at a time and interleaved step by step (A B B A A B ...): on a machine shared with other jobs, load
 changes from one minute to the next, so a defense's step is compared with the reference's step taken
 seconds before or after it. Ratio = median over steps of (defense step time / reference step time of the
-same step index); the first defense in ``--defenses`` is the reference. ``hooks`` is the time spent in
-``before_optimizer_step`` + ``after_optimizer_step`` alone (for SPARD: the whole safety step).
+same step index); the first defense in ``--defenses`` is the reference. Both wall time and process CPU
+time are reported; with ``OMP_WAIT_POLICY=PASSIVE`` (set here unless already set) idle OpenMP workers
+sleep rather than spin, so CPU time measures the work and hardly moves with the machine's load, while wall
+time does. ``hooks`` is the wall time spent in ``before_optimizer_step`` + ``after_optimizer_step`` alone
+(for SPARD: the whole safety step).
 One-off setup (tokenising, SPARD's data selection) is not timed.
 
 Defenses whose ``log_stats()`` has ``safety_projected`` (SPARD) get the fraction of steps it fired on and
@@ -28,13 +31,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+# Idle OpenMP workers sleep instead of spinning (must be set before torch loads its OpenMP runtime), so the
+# process CPU time of a step counts work done, not spinning while a core is taken by another job.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 
 @dataclass
@@ -42,6 +50,7 @@ class Timings:
     """Per-step measurements of one defense."""
 
     wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     hooks: list[float] = field(default_factory=list)
     fired: list[bool | None] = field(default_factory=list)
 
@@ -104,10 +113,10 @@ class DrivenTrainer:
         t.current_gradient_accumulation_steps = 1
         self.defense.setup(t)
 
-    def step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
-        """One optimizer step on ``batch``; returns (wall seconds, seconds inside the step hooks)."""
+    def step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float, float]:
+        """One optimizer step on ``batch``; returns wall seconds, CPU seconds, wall seconds inside the hooks."""
         t, model = self.trainer, self.model
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         num_items = (batch["labels"][..., 1:] != -100).sum()
         t.training_step(model, dict(batch), num_items)
         if t.args.max_grad_norm > 0:
@@ -122,17 +131,21 @@ class DrivenTrainer:
         t.lr_scheduler.step()
         model.zero_grad()
         t.state.global_step += 1
-        return time.perf_counter() - start, hooks
+        return time.perf_counter() - start, time.process_time() - cpu_start, hooks
+
+
+def paired_ratio(xs: list[float], refs: list[float]) -> float:
+    """Median over steps of x_i / ref_i (the two measured seconds apart, on the same batch)."""
+    return statistics.median(x / r for x, r in zip(xs, refs))
 
 
 def summarise(timings: dict[str, Timings], defenses: list[str], warmup: int) -> list[str]:
     ref = timings[defenses[0]]
-    lines = [f"{'defense':<10}{'s/step':>9}{'ratio to ' + defenses[0]:>14}{'hooks s/step':>14}{'steps':>7}"
-             "   projection fired (s/step with / without)"]
+    lines = [f"{'defense':<10}{'wall s/step':>12}{'ratio':>8}{'cpu s/step':>12}{'ratio':>8}{'hooks s':>9}"
+             f"{'steps':>7}   projection fired (wall s/step with / without)"]
     for d in defenses:
         tm = timings[d]
-        wall, hooks, fired = tm.wall[warmup:], tm.hooks[warmup:], tm.fired[warmup:]
-        ratio = statistics.median(a / b for a, b in zip(wall, ref.wall[warmup:]))
+        wall, cpu, hooks, fired = tm.wall[warmup:], tm.cpu[warmup:], tm.hooks[warmup:], tm.fired[warmup:]
         col = "-"
         if fired and all(f is not None for f in fired):
             on = [w for w, f in zip(wall, fired) if f]
@@ -140,8 +153,9 @@ def summarise(timings: dict[str, Timings], defenses: list[str], warmup: int) -> 
             col = f"{len(on)}/{len(fired)} ({100 * len(on) / len(fired):.0f}%)  "
             col += f"({statistics.median(on):.2f} / " if on else "(- / "
             col += f"{statistics.median(off):.2f})" if off else "-)"
-        lines.append(f"{d:<10}{statistics.median(wall):>9.2f}{ratio:>13.3f}x{statistics.median(hooks):>14.3f}"
-                     f"{len(wall):>7}   {col}")
+        lines.append(f"{d:<10}{statistics.median(wall):>12.2f}{paired_ratio(wall, ref.wall[warmup:]):>7.3f}x"
+                     f"{statistics.median(cpu):>12.2f}{paired_ratio(cpu, ref.cpu[warmup:]):>7.3f}x"
+                     f"{statistics.median(hooks):>9.2f}{len(wall):>7}   {col}")
     return lines
 
 
@@ -194,13 +208,15 @@ def main() -> None:
     for i, batch in enumerate(batches):
         order = defenses if i % 2 == 0 else defenses[::-1]  # A B, B A, ...: no defense always goes first
         for d in order:
-            wall, hooks = trainers[d].step(batch)
+            wall, cpu, hooks = trainers[d].step(batch)
             stats = trainers[d].defense.log_stats()
             timings[d].wall.append(wall)
+            timings[d].cpu.append(cpu)
             timings[d].hooks.append(hooks)
             timings[d].fired.append(bool(stats["safety_projected"]) if "safety_projected" in stats else None)
-        print(f"step {i + 1}/{n_steps}" + ("" if i >= args.warmup else " (warm-up)") + ": "
-              + ", ".join(f"{d} {timings[d].wall[-1]:.2f}s" for d in defenses), flush=True)
+        print(f"step {i + 1}/{n_steps}" + ("" if i >= args.warmup else " (warm-up)") + ": " + ", ".join(
+            f"{d} {timings[d].wall[-1]:.2f}s wall {timings[d].cpu[-1]:.2f}s cpu {timings[d].hooks[-1]:.2f}s hooks"
+            for d in defenses), flush=True)
     print()
     print("\n".join(summarise(timings, defenses, args.warmup)))
 
