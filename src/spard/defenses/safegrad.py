@@ -31,6 +31,7 @@ from spard.data.build import load_safety_pool, sample
 from spard.data.chat import IGNORE_INDEX, collate, tokenize_records
 from spard.data.records import Record
 from spard.defenses.base import Defense, DefenseContext, register
+from spard.distributed import all_reduce_flat_, all_reduce_sum_, world
 from spard.errors import ConfigError
 from spard.surgery import SurgeryResult, flat_dot, project_conflicting, safegrad_update
 
@@ -192,24 +193,6 @@ def _check_supported(trainer: SpardTrainer) -> None:
         raise ConfigError(f"defense.name='safegrad' does not support distributed type {dist_type.value}; use DDP")
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) outside torch.distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
-    """Sum ``tensors`` over all ranks with a single collective (flattened into one fp32 buffer)."""
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset: offset + t.numel()].view_as(t).to(t.dtype))
-        offset += t.numel()
-    return out
-
-
 @register
 class SafeGrad(Defense):
     """Project the task gradient off the alignment gradient when they conflict; add the alignment gradient."""
@@ -270,10 +253,10 @@ class SafeGrad(Defense):
     # -- per step ---------------------------------------------------------------------------------------
     def next_batch(self, trainer: SpardTrainer) -> dict[str, Tensor] | None:
         """This rank's share of the next alignment batch (None when the share is empty); advances the pointer."""
-        rank, world = _world()
+        rank, n_ranks = world()
         idx = batch_indices(self.pointer, self.args.alignment_batch_size, len(self.features), self.seed)
         self.pointer += 1
-        mine = idx[rank::world]
+        mine = idx[rank::n_ranks]
         if not mine:
             return None
         batch = collate([self.features[i] for i in mine], trainer.processing_class.pad_token_id)
@@ -282,7 +265,7 @@ class SafeGrad(Defense):
     def alignment_gradient(self, trainer: SpardTrainer, params: list[Tensor]) -> tuple[list[Tensor], float]:
         """``g_a`` over the whole alignment batch (summed across ranks) and the mean KL it is the gradient of."""
         model = trainer.model
-        _, world = _world()
+        _, n_ranks = world()
         batch = self.next_batch(trainer)
         if batch is not None:
             with trainer.accelerator.autocast():
@@ -290,9 +273,8 @@ class SafeGrad(Defense):
         else:
             kl_sum, n_local = torch.zeros((), device=trainer.args.device), 0
         n_total = n_local
-        if world > 1:
-            count = torch.tensor([float(n_local)], device=trainer.args.device)
-            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.SUM)
+        if n_ranks > 1:
+            count = all_reduce_sum_(torch.tensor([float(n_local)], device=trainer.args.device))
             n_total = int(count.item())
         # Normalise by the token count of the whole batch so the summed gradient is that of the global mean.
         loss = kl_sum / max(n_total, 1)
@@ -301,8 +283,8 @@ class SafeGrad(Defense):
             g_align = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         else:
             g_align = [torch.zeros_like(p) for p in params]
-        if world > 1:
-            *g_align, kl_total = _all_reduce_sum([*g_align, loss.detach().reshape(1)])
+        if n_ranks > 1:
+            *g_align, kl_total = all_reduce_flat_([*g_align, loss.detach().reshape(1).clone()])
             return g_align, float(kl_total)
         return g_align, float(loss.detach())
 

@@ -37,6 +37,7 @@ from spard.data.build import load_safety_pool
 from spard.data.chat import IGNORE_INDEX, collate, tokenize_records
 from spard.data.records import Record
 from spard.defenses.base import Defense, DefenseContext, register
+from spard.distributed import all_reduce_flat_, all_reduce_sum_
 from spard.errors import ConfigError
 from spard.io import atomic_write_json, atomic_write_jsonl
 from spard.projection import (
@@ -176,34 +177,6 @@ def subset_rows(subset: list[Record], pool: list[Record]) -> list[dict[str, Any]
     """``safety_subset.jsonl`` rows: selection rank, index in the (attack-filtered) pool, the record."""
     where = {id(r): i for i, r in enumerate(pool)}
     return [{"rank": i, "pool_index": where.get(id(r)), **r.to_dict()} for i, r in enumerate(subset)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Distributed helpers (no-ops in a single process)
-# ---------------------------------------------------------------------------------------------------------
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (identical result on every rank); returns ``tensor``."""
-    if _world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_grads_(grads: list[torch.Tensor]) -> None:
-    """Sum gradients over ranks in place, through one flat fp32 buffer (one collective, summed in fp32)."""
-    if _world_size() <= 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
-        offset += n
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -385,7 +358,7 @@ class Spard(Defense):
         """All-reduced gradient of the global token-mean ``L_s`` (each rank back-props its sum / global count)."""
         (loss_sum / n_global).backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        all_reduce_grads_(grads)
+        all_reduce_flat_(grads)
         return grads
 
     @torch.no_grad()
