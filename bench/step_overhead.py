@@ -1,11 +1,12 @@
 """Wall time per optimizer step of each defense, on the same model and the same batches, interleaved.
 
-Run: ``PYTHONPATH=src python bench/step_overhead.py [--defenses sft,spard] [--steps 6] [--warmup 1]``
+Run: ``PYTHONPATH=src python bench/step_overhead.py [--defenses sft,spard,safegrad] [--steps 6] [--warmup 1]``
 (``--set spard:defense.safety_batch_size=2`` overrides one defense's config; ``--set key=value`` all of them).
 
 Model: the embedded SmolLM2-135M-Instruct (``load_model(ModelArgs())``), one fresh deep copy + LoRA adapter
 (``spard.train.add_lora``, same seed) per defense. Data: the fine-tuning set ``spard.train.train`` would
-build (GSM8K + 10 % BeaverTails, ``train.seed=0``), tokenised with ``data.max_length=128``, cut into fixed
+build (GSM8K + 10 % BeaverTails, ``train.seed=0``), tokenised with the default ``data.max_length`` (384: no GSM8K
+example is cut; ``--max-length 128`` truncates nearly all of them to 128 tokens), cut into fixed
 batches of 8; step i of every defense uses batch i. ``torch.set_num_threads(2)``.
 
 Every defense gets a real ``SpardTrainer`` (``spard.train.training_arguments``, its own optimizer and
@@ -43,6 +44,8 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+
+from spard.config import DataArgs  # noqa: E402
 
 
 @dataclass
@@ -161,11 +164,11 @@ def summarise(timings: dict[str, Timings], defenses: list[str], warmup: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--defenses", default="sft,spard", help="comma-separated registry names; the first is the ref")
+    ap.add_argument("--defenses", default="sft,spard,safegrad", help="registry names; the first is the reference")
     ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per defense")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=DataArgs.max_length, help="data.max_length (tokens)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="[DEFENSE:]KEY=VALUE",
                     help="config override for every defense, or for one defense (repeatable)")
