@@ -114,12 +114,13 @@ def test_obqa_loglik_metrics(tiny_llm, tiny_tok):
     assert metrics["n"] == 6 and metrics["mode"] == "loglik"
     assert metrics["acc"]["k"] == sum(s["correct"] for s in samples)
     assert metrics["acc_norm"]["k"] == sum(s["correct_norm"] for s in samples)
+    assert metrics["accuracy"] == metrics["acc_norm"]  # cloze headline, as lm-eval reports OpenBookQA
     for s, rec in zip(samples, records):
         assert len(s["loglik"]) == 4 and s["continuations"] == [c.strip() for c in rec.meta["choices"]]
         best = max(range(4), key=lambda i: s["loglik"][i])
         assert s["pred"] == "ABCD"[best]
     letter, _ = task.evaluate(tiny_llm, tiny_tok, records, EvalArgs(progress=False, obqa_format="letter"))
-    assert letter["format"] == "letter" and letter["n"] == 6
+    assert letter["format"] == "letter" and letter["n"] == 6 and letter["accuracy"] == letter["acc"]
 
 
 def test_obqa_generate_mode(tiny_llm, tiny_tok):
