@@ -351,7 +351,7 @@ def test_table_and_plots_from_run_dirs(tmp_path):
     assert lines[lines.index(head) + 2].startswith("| sft | 11.0 ± 1.4 | 21.0 ± 1.4 | 41.0 ± 1.4 |")
     assert lines[lines.index(head) + 3].startswith("| safeinstr | **3.0** ± 1.4 | **13.0** ± 1.4")
     assert ("Before fine-tuning (the aligned model): ASR 4.0, GSM8K accuracy (flexible match) 30.0, "
-            "OpenBookQA accuracy 40.0 (%).") in table
+            "OpenBookQA accuracy (acc_norm) 40.0 (%).") in table
     assert "`hh` = harmful_mix with hh_rlhf" in table and "28 of 28 cells finished" in table
 
 

@@ -21,7 +21,8 @@ from spard.io import atomic_write_text
 CSV_FIELDS = ["index", "cell", "defense", "defense_name", "task", "attack", "attack_kind", "harmful_source", "ratio",
               "seed", "status", "judge", "n_harm", "asr_pct", "refusal_pct", "gsm8k_acc_pct", "obqa_acc_pct",
               "task_acc_pct", "train_seconds", "seconds_per_step", "steps", "eval_seconds", "run_dir", "error"]
-TASK_TITLES = {"gsm8k": "GSM8K accuracy (flexible match)", "openbookqa": "OpenBookQA accuracy"}
+# OpenBookQA's loglik headline is acc_norm (cloze format; the letter format's acc equals its acc_norm).
+TASK_TITLES = {"gsm8k": "GSM8K accuracy (flexible match)", "openbookqa": "OpenBookQA accuracy (acc_norm)"}
 MISSING = "–"
 
 
