@@ -17,7 +17,7 @@ def __getattr__(name: str) -> Any:
         from spard.benchmark import bench
 
         return bench
-    if name in ("align", "train", "evaluate", "run", "load_config", "evaluate_base"):
+    if name in ("align", "train", "evaluate", "run", "load_config", "evaluate_base", "evaluate_before_after"):
         from spard import api
 
         return getattr(api, name)

@@ -24,8 +24,8 @@ from spard.train import FINAL_DIR, TrainResult, train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_config", "align", "train", "evaluate", "evaluate_base", "run", "AlignResult", "TrainResult",
-           "EvalResult", "RunResult"]
+__all__ = ["load_config", "align", "train", "evaluate", "evaluate_base", "evaluate_before_after", "run",
+           "AlignResult", "TrainResult", "EvalResult", "RunResult"]
 
 
 @dataclass
@@ -97,18 +97,27 @@ def evaluate_base(cfg: RunConfig, base_model: str, *, attack_prompts: list[str] 
     return EvalResult(out_dir, results, format_results_table(None, results))
 
 
-def run(cfg: RunConfig) -> RunResult:
-    """Align (cached) → fine-tune under the defense → evaluate before and after; table in ``eval/summary.txt``."""
+def evaluate_before_after(run_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = ()
+                          ) -> tuple[EvalResult, EvalResult, str]:
+    """Evaluate a finished run's fine-tuned model and its base (cached); writes ``eval/before.json`` and the
+    side-by-side table ``eval/summary.txt`` next to what :func:`evaluate` writes. Returns (before, after, table)."""
     from spard.evaluate import format_results_table
-
-    trained = train(cfg)
-    attack = json.loads((trained.run_dir / "attack_prompts.json").read_text())
-    before = evaluate_base(cfg, trained.base_model, attack_prompts=attack)
-    after = evaluate(trained.run_dir)
-    table = format_results_table(before.results, after.results)
-    atomic_write_json(trained.run_dir / "eval" / "before.json", before.results)
-    (trained.run_dir / "eval").mkdir(exist_ok=True)
     from spard.io import atomic_write_text
 
-    atomic_write_text(trained.run_dir / "eval" / "summary.txt", table + "\n")
+    run_dir = Path(run_dir)
+    after = evaluate(run_dir, overrides=overrides)
+    cfg = load_config(run_dir / "config.yaml", list(overrides))
+    base = json.loads((run_dir / "train_result.json").read_text())["base_model"]
+    attack = json.loads((run_dir / "attack_prompts.json").read_text())
+    before = evaluate_base(cfg, base, attack_prompts=attack)
+    table = format_results_table(before.results, after.results)
+    atomic_write_json(run_dir / "eval" / "before.json", before.results)
+    atomic_write_text(run_dir / "eval" / "summary.txt", table + "\n")
+    return before, after, table
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Align (cached) → fine-tune under the defense → evaluate before and after; table in ``eval/summary.txt``."""
+    trained = train(cfg)
+    before, after, table = evaluate_before_after(trained.run_dir)
     return RunResult(trained, before, after, table)

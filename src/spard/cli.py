@@ -30,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     with_config("train", "build the (poisoned) training set and fine-tune under the chosen defense")
     with_config("run", "align if configured, train, then evaluate before/after fine-tuning")
     with_config("show-config", "print the resolved config (defaults + file + overrides)")
-    ev = sub.add_parser("eval", help="(re-)evaluate a finished run directory",
-                        description="(re-)evaluate a finished run directory")
+    eh = "(re-)evaluate a finished run directory, and its base model (cached), side by side"
+    ev = sub.add_parser("eval", help=eh, description=eh)
     ev.add_argument("run_dir", help="a run directory written by spard train/run")
     ev.add_argument("overrides", nargs="*", help="eval.key=value overrides")
     bh = "run a grid of defenses x attacks x harmful ratios (one run per cell), then write the table and plots"
@@ -70,8 +70,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from spard.config import config_to_yaml, load_config
 
     if args.command == "eval":
-        result = api.evaluate(args.run_dir, overrides=args.overrides)
-        print(result.table)
+        _, _, table = api.evaluate_before_after(args.run_dir, overrides=args.overrides)
+        print(table)
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "show-config":
