@@ -164,10 +164,12 @@ def asr_vs_ratio(bench: Bench, rows: list[CellResult], path: Path) -> Path | Non
             where += f", task {task}" if len(tasks) > 1 else ""
             ax.set_title(f"ASR vs. harmful ratio: {where}", fontsize=10)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8, title="defense", title_fontsize=8)
     axes[0][0].set_ylim(-1, _upper(shown))  # shared y axis
     fig.suptitle(f"Bench {bench.name}: lower is safer{_seeds_note(bench, bars=True)}", fontsize=12)
-    fig.tight_layout()
+    # One legend under the panels: inside an axes it hides the lines near 0 %, where the best defenses are.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 + 0.03 * ((len(labels) - 1) // 5), 1, 1))
     _save(fig, path)
     plt.close(fig)
     return path
