@@ -36,6 +36,9 @@ def test_five_step_sft_lowers_training_loss(tmp_path, tiny_tok):
     train_set = (res.run_dir / "train_set.jsonl").read_text().splitlines()
     assert len(train_set) == 8
     assert len(json.loads((res.run_dir / "attack_prompts.json").read_text())) == 2 == res.metrics["n_harmful"]
+    m = res.metrics  # step time excludes the defense's one-off setup
+    assert 0 <= m["defense_setup_seconds"] <= m["train_seconds"]
+    assert abs(5 * m["seconds_per_step"] - (m["train_seconds"] - m["defense_setup_seconds"])) < 0.02
 
 
 class Crash(TrainerCallback):

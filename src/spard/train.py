@@ -55,6 +55,7 @@ class SpardTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.defense = defense
         self.resume_defense_state: dict[str, Any] | None = None
+        self.defense_setup_seconds = 0.0  # wall time of defense.setup (set at train begin)
         self.add_callback(_DefenseCallback(self, metrics_path))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
@@ -74,7 +75,9 @@ class _DefenseCallback(TrainerCallback):
         self.trainer, self.metrics_path = trainer, metrics_path
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        start = time.perf_counter()
         self.trainer.defense.setup(self.trainer)
+        self.trainer.defense_setup_seconds = time.perf_counter() - start
         if self.trainer.resume_defense_state is not None:
             self.trainer.defense.load_state_dict(self.trainer.resume_defense_state)
 
@@ -213,6 +216,8 @@ def fit(
     start = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
+    # One-off defense setup (SPARD embeds and selects its safety data) is reported apart from the steps.
+    setup_seconds = trainer.defense_setup_seconds
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(run_dir / FINAL_DIR, safe_serialization=True)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -223,7 +228,8 @@ def fit(
         "last_loss": losses[-1] if losses else None,
         "train_loss": out.training_loss,
         "train_seconds": round(seconds, 2),
-        "seconds_per_step": round(seconds / max(steps_run, 1), 3),
+        "defense_setup_seconds": round(setup_seconds, 2),
+        "seconds_per_step": round((seconds - setup_seconds) / max(steps_run, 1), 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "n_examples": stats.total,
         "n_truncated": stats.truncated,
