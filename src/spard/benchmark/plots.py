@@ -8,15 +8,14 @@
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from spard.benchmark.grid import Bench, ratio_text
 from spard.benchmark.report import TASK_TITLES, aggregate, attack_description, defense_labels
 from spard.benchmark.results import CellResult, before_results, harm_summary, task_accuracy
+from spard.io import atomic_path
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
 LINESTYLES = ["-", "--", "-.", ":"]
@@ -32,16 +31,9 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    """Write the PNG via a temp file and ``os.replace`` (spard.io's writers are text-only), so a crash
-    leaves the previous plot or none, never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Write the PNG atomically: a crash leaves the previous plot or none, never half a file."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=130, format="png")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -20,7 +20,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -32,6 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from spard.errors import DataError
+from spard.io import atomic_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -271,15 +271,8 @@ def _cache_digest(identity: str, texts: Sequence[str]) -> str:
 
 
 def _save_atomically(tensor: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({_CACHE_TENSOR: tensor}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({_CACHE_TENSOR: tensor}, str(tmp), metadata=metadata)
 
 
 def _load_cached(path: Path, digest: str, n: int) -> torch.Tensor | None:
