@@ -24,7 +24,7 @@ from spard.defenses.safegrad import (
 )
 from spard.errors import ConfigError
 from spard.surgery import flat_dot, safegrad_update
-from spard.testing import tiny_model
+from spard.testing import assert_same_adapter, tiny_model
 from spard.train import add_lora, train
 
 
@@ -313,11 +313,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_tok):
     assert state["pointer"] == 3
     resumed = train(sg_config(tmp_path, "cut", *extra, "train.resume=true"), model=sharp_tiny_model(tiny_tok),
                     tokenizer=tiny_tok)
-    a = load_file(straight.adapter_dir / "adapter_model.safetensors")
-    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
+    assert_same_adapter(straight.adapter_dir, resumed.adapter_dir, rtol=0, atol=1e-7)
     rows_a, rows_b = metric_rows(straight.run_dir), metric_rows(resumed.run_dir)
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
     for key in ("align_kl", "align_cosine", "align_projected", "align_projections"):

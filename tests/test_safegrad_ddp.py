@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spard.testing import assert_same_adapter
+
 WORKER = Path(__file__).with_name("ddp_safegrad_worker.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
 OVERRIDES = [
@@ -64,8 +66,4 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         for key in ("loss", "align_kl", "align_cosine", "align_grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
     # fp32 on CPU: the two runs differ only in summation order (per-rank partial sums + all-reduce)
-    a = load_file(single / "final" / "adapter_model.safetensors")
-    b = load_file(ddp / "final" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert_same_adapter(single / "final", ddp / "final", rtol=1e-5, atol=1e-6)

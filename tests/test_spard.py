@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from spard.config import load_config
@@ -26,7 +25,7 @@ from spard.projection import (
     reference_scaled_grads,
     token_cross_entropy_sum,
 )
-from spard.testing import tiny_model
+from spard.testing import assert_same_adapter, tiny_model
 from spard.train import train
 
 
@@ -219,11 +218,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_tok, projection) -> Non
     assert state["cursor"] == 3 * 2 and state["steps"] == 3  # 3 steps x safety_batch_size 2
     resumed = train(tiny_config(tmp_path, "cut", *extra, "train.resume=true"),
                     model=tiny_model(tiny_tok), tokenizer=tiny_tok)
-    a = load_file(straight.adapter_dir / "adapter_model.safetensors")
-    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
+    assert_same_adapter(straight.adapter_dir, resumed.adapter_dir, rtol=0, atol=1e-7)
     ra, rb = rows(straight.run_dir / "metrics.jsonl"), rows(resumed.run_dir / "metrics.jsonl")
     assert [r["step"] for r in rb] == [1, 2, 3, 4, 5, 6]
     assert [r["safety_loss"] for r in ra] == pytest.approx([r["safety_loss"] for r in rb], abs=1e-6)

@@ -1,13 +1,11 @@
 import json
 
 import pytest
-import torch
-from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from spard.config import load_config
 from spard.errors import ConfigError
-from spard.testing import tiny_model
+from spard.testing import assert_same_adapter, tiny_model
 from spard.train import train
 
 
@@ -60,11 +58,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_tok):
     resumed = train(tiny_config(tmp_path, "interrupted", *extra, "train.resume=true"),
                     model=tiny_model(tiny_tok), tokenizer=tiny_tok)
 
-    a = load_file(straight.adapter_dir / "adapter_model.safetensors")
-    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
+    assert_same_adapter(straight.adapter_dir, resumed.adapter_dir, rtol=0, atol=1e-7)
     steps = [json.loads(line)["step"] for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # rows logged after the checkpoint were not duplicated
     # resuming a finished run trains nothing and keeps its recorded metrics

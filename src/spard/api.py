@@ -63,16 +63,21 @@ def _load_for_eval(base_model: str, cfg: RunConfig, adapter_dir: Path | None):
     return model, tokenizer
 
 
+def _finished_run(run_dir: Path, overrides: list[str] | tuple[str, ...]) -> tuple[RunConfig, str, list[str]]:
+    """A finished run's config (with eval overrides), base model and attack prompts."""
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "train_result.json").is_file():
+        raise SpardError(f"{run_dir}: not a finished spard run (config.yaml / train_result.json missing)")
+    cfg = load_config(run_dir / "config.yaml", list(overrides))
+    base = json.loads((run_dir / "train_result.json").read_text())["base_model"]
+    return cfg, base, json.loads((run_dir / "attack_prompts.json").read_text())
+
+
 def evaluate(run_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = ()) -> EvalResult:
     """(Re-)evaluate the fine-tuned model of a finished run; writes ``run_dir/eval/``."""
     from spard.evaluate import evaluate_model, format_results_table
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "train_result.json").is_file():
-        raise SpardError(f"{run_dir}: not a finished spard run (config.yaml / train_result.json missing)")
-    cfg = load_config(run_dir / "config.yaml", list(overrides))
-    base = json.loads((run_dir / "train_result.json").read_text())["base_model"]
-    attack = json.loads((run_dir / "attack_prompts.json").read_text())
+    cfg, base, attack = _finished_run(run_dir, overrides)
     model, tok = _load_for_eval(base, cfg, run_dir / FINAL_DIR)
     info = {"base_model": base, "adapter": str(run_dir / FINAL_DIR), "defense": cfg.defense.name}
     results = evaluate_model(model, tok, cfg.eval, run_dir / "eval", attack_prompts=attack, model_info=info)
@@ -105,10 +110,8 @@ def evaluate_before_after(run_dir: str | Path, *, overrides: list[str] | tuple[s
     from spard.io import atomic_write_text
 
     run_dir = Path(run_dir)
+    cfg, base, attack = _finished_run(run_dir, overrides)  # validates the run before the long evaluation
     after = evaluate(run_dir, overrides=overrides)
-    cfg = load_config(run_dir / "config.yaml", list(overrides))
-    base = json.loads((run_dir / "train_result.json").read_text())["base_model"]
-    attack = json.loads((run_dir / "attack_prompts.json").read_text())
     before = evaluate_base(cfg, base, attack_prompts=attack)
     table = format_results_table(before.results, after.results)
     atomic_write_json(run_dir / "eval" / "before.json", before.results)

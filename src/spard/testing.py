@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -85,3 +86,14 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast, *, seed: int = 0, hidden_size
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def assert_same_adapter(dir_a: str | Path, dir_b: str | Path, *, rtol: float = 0.0, atol: float = 1e-7) -> None:
+    """Assert two saved LoRA adapters hold the same tensors (same names, values within tolerance)."""
+    from safetensors.torch import load_file
+
+    a = load_file(str(Path(dir_a) / "adapter_model.safetensors"))
+    b = load_file(str(Path(dir_b) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0, (sorted(a), sorted(b))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
