@@ -57,7 +57,7 @@ def record_setup(out: str) -> None:
 
 def main(argv: list[str]) -> None:
     from spard.config import load_config
-    from spard.train import train
+    from spard.jobs.finetune import train
 
     # one thread per process: two ranks share the 2 cores; the single-process reference uses the same setting
     torch.set_num_threads(1)

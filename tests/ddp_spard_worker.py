@@ -40,8 +40,8 @@ def main() -> None:
 
     from spard.config import load_config
     from spard.defenses.spard import Spard
+    from spard.jobs.finetune import train
     from spard.testing import tiny_model
-    from spard.train import train
 
     seen: dict[str, str] = {}
     setup = Spard.setup

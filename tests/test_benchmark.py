@@ -13,12 +13,13 @@ import yaml
 
 from spard.benchmark import bench, collect, format_cell_list, load_bench, run_cells
 from spard.benchmark.grid import Cell
-from spard.benchmark.status import ERROR_FILE, cell_status
+from spard.benchmark.status import cell_status
 from spard.cli import main
 from spard.config import RunConfig, config_to_yaml
 from spard.errors import ConfigError, SpardError
 from spard.evaluate.metrics import rate
 from spard.io import atomic_write_json, atomic_write_text
+from spard.rundir import ERROR_FILE
 
 BASE_RUN = {
     "defense": {"name": "safeinstr", "safety_fraction": 0.5},  # must not leak into other defenses' cells
@@ -153,23 +154,25 @@ def test_several_tasks_and_defense_variants(tmp_path):
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"defences": ["sft"]}, r"bench.yaml: unknown key 'defences'; did you mean 'defenses'\?"),
+    ({"defences": ["sft"]}, r"bench.yaml: unknown config key 'defences'; did you mean 'defenses'\?"),
     ({"defenses": ["sft", "sprad"]}, r"defenses\[1\]\.name='sprad': unknown defense 'sprad'; did you mean 'spard'\?"),
     ({"ratios": [0, 1.5]}, r"bench.yaml: ratios\[1\]=1.5: must be in \[0.0, 1.0\]"),
     ({"seeds": [0, "x"]}, r"seeds\[1\]='x': expected an integer"),
-    ({"attacks": [{"name": "bt", "overides": {}}]}, r"attacks\[0\]: unknown key 'overides'; did you mean 'overrides'"),
+    ({"attacks": [{"name": "bt", "overides": {}}]},
+     r"unknown config key 'attacks\[0\]\.overides'; did you mean 'attacks\[0\]\.overrides'"),
     ({"attacks": [{"name": "bt", "overrides": {"attack.harmfull_ratio": 0.1}}]},
      r"attacks\[0\] \(bt\): .*unknown config key 'attack.harmfull_ratio'; did you mean 'attack.harmful_ratio'"),
     ({"attacks": [{"name": "bt", "overrides": {"attack.name": "harmful_mix", "attack.harmful_ratio": 0.2}}]},
      r"attack.harmful_ratio is set by the bench's 'ratios'"),
     ({"attacks": [{"name": "a__b", "overrides": {}}]}, r"attacks\[0\]\.name='a__b': a label must be"),
-    ({"defenses": ["sft", "sft"]}, r"defenses: label 'sft' is used twice; give variants a 'label'"),
+    ({"defenses": ["sft", "sft"]}, r"defenses='sft': label used twice; give variants a 'label'"),
     ({"defenses": [{"name": "sft", "overrides": {"defense.beta": 2}}]},
      r"defenses\[0\] \(sft\).*unknown config key 'defense.beta'"),
-    ({"base": {"defense.safety_fraction": 0.1}}, r"base: defense options belong in a 'defenses' entry"),
+    ({"base": {"defense.safety_fraction": 0.1}},
+     r"base=\['defense.safety_fraction'\]: defense options belong in a 'defenses' entry"),
     ({"base_config": "missing.yaml"}, r"base_config='missing.yaml': no such file"),
     ({"attacks": [{"name": "aoa", "ratios": [0.1], "overrides": {"attack.name": "identity_shift"}}]},
-     r"attacks\[0\] \(aoa\): 'ratios' given but attack.name='identity_shift' has no harmful ratio"),
+     r"attacks\[0\] \(aoa\): 'ratios' given but attack.name='identity_shift' has no strength to vary"),
     ({"attacks": [{"name": "a", "overrides": {"attack.name": "benign"}}, {"name": "b", "overrides": {
         "attack.name": "benign"}}]}, r"attack b with defense sft gives the same run as cell sft__a__s0"),
 ])
@@ -191,16 +194,8 @@ def test_shipped_bench_configs_load():
     assert (cfg.model.name_or_path, cfg.lora.r, cfg.lora.alpha, cfg.train.lr, cfg.train.epochs) == (
         "Qwen/Qwen2.5-7B-Instruct", 32, 8, 5e-5, 10.0)
     assert cfg.train.batch_size * cfg.train.grad_accum == 128 and cfg.data.max_length == 2048
-    assert cfg.eval.judge == "openai" and cfg.eval.openai.model == "gpt-4o-mini" and cfg.attack.harmful_ratio == 0.1
+    assert cfg.eval.judge.name == "openai" and cfg.eval.judge.model == "gpt-4o-mini" and cfg.attack.harmful_ratio == 0.1
     assert {c.task for c in paper.cells} == {"gsm8k", "openbookqa"}
-
-
-def test_run_dir_layout_names_agree_with_train_and_eval():
-    from spard.benchmark import status
-    from spard.evaluate.runner import RESULTS_FILE
-    from spard.train import FINAL_DIR
-
-    assert (status.FINAL_DIR, status.RESULTS_FILE) == (FINAL_DIR, RESULTS_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -286,7 +281,7 @@ def test_cell_of_another_config_is_stale_and_left_alone(tmp_path):
     assert cell_status(changed.cells[0]) == "stale"
     runner = Recorder()
     (outcome,) = run_cells(changed, run_fn=runner, align_fn=no_align)
-    assert outcome.status == "stale" and "train.max_steps (bench: 3, run: 2)" in outcome.error and not runner.calls
+    assert outcome.status == "stale" and "train.max_steps (now: 3, stored: 2)" in outcome.error and not runner.calls
     assert "0 of 1 cells finished" in collect(changed, plots=False).table
 
 

@@ -73,6 +73,6 @@ def test_switching_defense_on_the_command_line_drops_the_files_defense_options(t
     p = write(tmp_path, "defense:\n  name: safeinstr\n  safety_fraction: 0.2\n")
     cfg = load_config(p, ["defense.name=sft"])
     assert cfg.defense.name == "sft"
-    assert "ignoring the config file's options of another defense: defense.safety_fraction" in caplog.text
+    assert "ignoring the config file's options of defense 'safeinstr': defense.safety_fraction" in caplog.text
     with pytest.raises(ConfigError, match="unknown config key 'defense.safety_fraction'"):
         load_config(write(tmp_path, "defense:\n  name: sft\n  safety_fraction: 0.2\n"))

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from spard.config import load_config
 from spard.data.records import chat
 from spard.errors import ConfigError, DataError, SpardError
 from spard.evaluate import EvalArgs, evaluate_model, format_results_table
@@ -18,6 +19,7 @@ from spard.evaluate.harm import (
 )
 from spard.evaluate.judges import JudgeResult
 from spard.evaluate.runner import sample_file_name
+from spard.evaluate.tasks import GSM8KArgs
 
 
 # --- harm sets and the overlap guard ------------------------------------------------------------------
@@ -86,7 +88,7 @@ def test_evaluate_harm_with_keyword_and_model_judge(tiny_llm, tiny_tok):
 # --- runner -------------------------------------------------------------------------------------------
 def test_evaluate_model_writes_results_and_samples(tiny_llm, tiny_tok, tmp_path):
     args = EvalArgs(harm_sets=["I-MaliciousInstructions", "Q-Harm"], harm_limit=3, harm_max_new_tokens=4,
-                    task_limit=2, gsm8k_max_new_tokens=4, progress=False)
+                    task_limit=2, tasks=[GSM8KArgs(max_new_tokens=4), "openbookqa"], progress=False)
     info = {"base_model": "tiny", "adapter": None}
     results = evaluate_model(tiny_llm, tiny_tok, args, tmp_path, attack_prompts=["unrelated prompt"],
                              model_info=info)
@@ -126,28 +128,31 @@ def test_sample_file_names():
 
 # --- args ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("overrides", "message"),
     [
-        ({"harm_max_new_tokens": 0}, "eval.harm_max_new_tokens=0: must be >= 1"),
-        ({"judge": "gpt"}, "eval.judge='gpt'"),
-        ({"judge": "classifier"}, "eval.classifier.model=None"),
-        ({"tasks": ["sst2"]}, "unknown task 'sst2'"),
-        ({"task_limit": 0}, "eval.task_limit=0"),
-        ({"obqa_mode": "mc"}, "eval.obqa_mode='mc'"),
-        ({"top_p": 0.0}, "eval.top_p=0.0"),
-        ({"gsm8k_prompt": "no placeholder"}, "{question}"),
-        ({"openai": {"base_url": "localhost:8000"}}, "eval.openai.base_url='localhost:8000'"),
-        ({"classifier": {"threshold": 1.5}}, "eval.classifier.threshold=1.5"),
+        (["eval.harm_max_new_tokens=0"], "eval.harm_max_new_tokens=0: must be in [1, inf]"),
+        (["eval.judge=gpt"], "unknown judge 'gpt'"),
+        (["eval.judge=classifier"], "eval.judge.model=None: must name a model"),
+        (["eval.tasks=[sst2]"], "unknown eval task 'sst2'"),
+        (["eval.task_limit=0"], "eval.task_limit=0"),
+        (["eval.obqa_mode=mc"], "eval.tasks[1].mode='mc'"),  # the older flat key still reaches the task
+        (["eval.tasks=[{name: openbookqa, mode: mc}]"], "eval.tasks[0].mode='mc'"),
+        (["eval.top_p=0.0"], "eval.top_p=0.0"),
+        (["eval.gsm8k_prompt=no placeholder"], "{question}"),
+        (["eval.judge=openai", "eval.judge.base_url=localhost:8000"], "eval.judge.base_url='localhost:8000'"),
+        (["eval.judge=classifier", "eval.classifier.model=x", "eval.classifier.threshold=1.5"],
+         "eval.judge.threshold=1.5"),
     ],
 )
-def test_eval_args_validation(kwargs, message):
+def test_eval_args_validation(overrides, message):
     with pytest.raises(ConfigError) as err:
-        EvalArgs(**kwargs)
+        load_config(None, overrides)
     assert message in str(err.value)
+    assert "override" in str(err.value)  # blamed on the override that set it
 
 
 def test_eval_args_defaults_are_cpu_friendly():
     args = EvalArgs()
-    assert args.harm_sets == ["I-MaliciousInstructions"] and args.judge == "keyword"
-    assert args.tasks == ["gsm8k", "openbookqa"] and args.task_limit == 50
+    assert args.harm_sets == ["I-MaliciousInstructions"] and args.judge.name == "keyword"
+    assert args.task_names == ["gsm8k", "openbookqa"] and args.task_limit == 50
     assert args.temperature == 0.0 and args.batch_size == 16 and not args.allow_overlap

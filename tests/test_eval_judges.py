@@ -10,13 +10,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from spard.args import EvalArgs
 from spard.errors import ConfigError
-from spard.evaluate.args import EvalArgs
 from spard.evaluate.judges import (
     ClassifierJudge,
     Judge,
     JudgeResult,
     KeywordJudge,
+    OpenAIArgs,
     OpenAIJudge,
     is_degenerate,
     make_judge,
@@ -244,5 +245,5 @@ def test_parse_guard_output():
 
 def test_make_judge(monkeypatch):
     assert isinstance(make_judge(EvalArgs()), KeywordJudge)
-    judge = make_judge(EvalArgs(judge="openai", openai={"base_url": "http://127.0.0.1:9", "api_key_env": ""}))
+    judge = make_judge(EvalArgs(judge=OpenAIArgs(base_url="http://127.0.0.1:9", api_key_env="")))
     assert isinstance(judge, OpenAIJudge) and judge.url == "http://127.0.0.1:9/chat/completions"

@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spard.args import EvalArgs
 from spard.data.records import chat
 from spard.data.sources import load_source
-from spard.evaluate.args import EvalArgs
 from spard.evaluate.generation import render_prompt
 from spard.evaluate.tasks import (
-    TASKS,
+    GSM8K,
+    GSM8KArgs,
+    OpenBookQA,
+    OpenBookQAArgs,
     encode_pair,
     extract_gsm8k_answer,
     gsm8k_is_correct,
@@ -108,7 +111,7 @@ def test_encode_pair_splits_at_context(tiny_tok):
 
 
 def test_obqa_loglik_metrics(tiny_llm, tiny_tok):
-    task = TASKS["openbookqa"]
+    task = OpenBookQA()
     records = task.load("test", limit=6)
     metrics, samples = task.evaluate(tiny_llm, tiny_tok, records, EvalArgs(progress=False))
     assert metrics["n"] == 6 and metrics["mode"] == "loglik"
@@ -119,14 +122,15 @@ def test_obqa_loglik_metrics(tiny_llm, tiny_tok):
         assert len(s["loglik"]) == 4 and s["continuations"] == [c.strip() for c in rec.meta["choices"]]
         best = max(range(4), key=lambda i: s["loglik"][i])
         assert s["pred"] == "ABCD"[best]
-    letter, _ = task.evaluate(tiny_llm, tiny_tok, records, EvalArgs(progress=False, obqa_format="letter"))
+    letter_task = OpenBookQA(OpenBookQAArgs(format="letter"))
+    letter, _ = letter_task.evaluate(tiny_llm, tiny_tok, records, EvalArgs(progress=False))
     assert letter["format"] == "letter" and letter["n"] == 6 and letter["accuracy"] == letter["acc"]
 
 
 def test_obqa_generate_mode(tiny_llm, tiny_tok):
-    task = TASKS["openbookqa"]
+    task = OpenBookQA(OpenBookQAArgs(mode="generate", max_new_tokens=4))
     records = task.load("test", limit=3)
-    args = EvalArgs(progress=False, obqa_mode="generate", obqa_max_new_tokens=4)
+    args = EvalArgs(progress=False)
     metrics, samples = task.evaluate(tiny_llm, tiny_tok, records, args)
     assert metrics["mode"] == "generate" and metrics["n"] == 3
     assert metrics["unparsed"] == sum(s["pred"] is None for s in samples)
@@ -134,9 +138,9 @@ def test_obqa_generate_mode(tiny_llm, tiny_tok):
 
 
 def test_gsm8k_task_plumbing(tiny_llm, tiny_tok):
-    task = TASKS["gsm8k"]
+    task = GSM8K(GSM8KArgs(max_new_tokens=6))
     records = task.load("test", limit=3)
-    args = EvalArgs(progress=False, gsm8k_max_new_tokens=6)
+    args = EvalArgs(progress=False)
     metrics, samples = task.evaluate(tiny_llm, tiny_tok, records, args)
     assert metrics["n"] == 3 and set(metrics) >= {"strict", "flexible", "accuracy"}
     assert samples[0]["gold"] == "18"  # Janet's ducks

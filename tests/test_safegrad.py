@@ -18,14 +18,14 @@ from spard.defenses.safegrad import (
     SafeGrad,
     SafeGradArgs,
     alignment_kl,
-    batch_indices,
     project_conflicting,
     token_kl,
 )
 from spard.errors import ConfigError
+from spard.jobs.finetune import train
 from spard.surgery import flat_dot, safegrad_update
 from spard.testing import assert_same_adapter, tiny_model
-from spard.train import add_lora, train
+from spard.trainer import add_lora
 
 
 def t(*values):
@@ -168,15 +168,6 @@ def test_kl_is_zero_at_step_0_and_positive_after_a_harmful_step(tiny_tok):
                            sharp_tiny_model(tiny_tok)(input_ids=batch["input_ids"]).logits)
 
 
-def test_batch_indices_cycle_through_every_example_per_pass():
-    n, bs = 10, 4
-    drawn = [i for step in range(5) for i in batch_indices(step, bs, n, seed=3)]  # 20 draws = 2 passes
-    assert sorted(drawn[:10]) == list(range(10)) and sorted(drawn[10:]) == list(range(10))
-    assert drawn[:10] != drawn[10:]  # a fresh permutation each pass
-    assert batch_indices(7, bs, n, seed=3) == batch_indices(7, bs, n, seed=3)
-    assert batch_indices(0, bs, n, seed=3) != batch_indices(0, bs, n, seed=4)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # config
 # ---------------------------------------------------------------------------------------------------------
@@ -310,7 +301,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_tok):
         train(sg_config(tmp_path, "cut", *extra), model=sharp_tiny_model(tiny_tok), tokenizer=tiny_tok,
               callbacks=[Crash()])
     state = json.loads((tmp_path / "cut" / "checkpoint-3" / "defense_state.json").read_text())
-    assert state["pointer"] == 3
+    assert state["cursor"] == 3 * 2  # 3 steps of alignment_batch_size 2
     resumed = train(sg_config(tmp_path, "cut", *extra, "train.resume=true"), model=sharp_tiny_model(tiny_tok),
                     tokenizer=tiny_tok)
     assert_same_adapter(straight.adapter_dir, resumed.adapter_dir, rtol=0, atol=1e-7)

@@ -13,12 +13,13 @@ from transformers import TrainerCallback
 from spard.config import load_config
 from spard.data.chat import collate, tokenize_records
 from spard.data.records import Record
+from spard.data.safety import cyclic_indices
 from spard.data.sources import load_source
 from spard.defenses.spard import SpardArgs, safety_projection
 from spard.errors import ConfigError
+from spard.jobs.finetune import train
 from spard.projection import (
     clip_by_global_norm,
-    cyclic_indices,
     global_grad_norm,
     halfspace_step_size,
     reference_scale,
@@ -26,7 +27,6 @@ from spard.projection import (
     token_cross_entropy_sum,
 )
 from spard.testing import assert_same_adapter, tiny_model
-from spard.train import train
 
 
 def rand_grads(seed: int, shapes=((4, 3), (7,), (2, 5)), dtype=torch.float32) -> list[torch.Tensor]:

@@ -5,8 +5,8 @@ from transformers import TrainerCallback
 
 from spard.config import load_config
 from spard.errors import ConfigError
+from spard.jobs.finetune import train
 from spard.testing import assert_same_adapter, tiny_model
-from spard.train import train
 
 
 def tiny_config(tmp_path, name="run", *extra):

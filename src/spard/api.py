@@ -15,12 +15,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from spard.align import AlignResult, align
-from spard.config import RunConfig, load_config
+from spard.args import RunConfig
+from spard.config import load_config
 from spard.errors import SpardError
-from spard.io import atomic_write_json
+from spard.io import atomic_write_json, atomic_write_text
+from spard.jobs.align import AlignResult, align
+from spard.jobs.finetune import TrainResult, train
 from spard.models import cache_dir
-from spard.train import FINAL_DIR, TrainResult, train
+from spard.rundir import (
+    ATTACK_PROMPTS_FILE,
+    BEFORE_FILE,
+    CONFIG_FILE,
+    EVAL_DIR,
+    FINAL_DIR,
+    SUMMARY_FILE,
+    TRAIN_RESULT_FILE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +75,11 @@ def _load_for_eval(base_model: str, cfg: RunConfig, adapter_dir: Path | None):
 
 def _finished_run(run_dir: Path, overrides: list[str] | tuple[str, ...]) -> tuple[RunConfig, str, list[str]]:
     """A finished run's config (with eval overrides), base model and attack prompts."""
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "train_result.json").is_file():
-        raise SpardError(f"{run_dir}: not a finished spard run (config.yaml / train_result.json missing)")
-    cfg = load_config(run_dir / "config.yaml", list(overrides))
-    base = json.loads((run_dir / "train_result.json").read_text())["base_model"]
-    return cfg, base, json.loads((run_dir / "attack_prompts.json").read_text())
+    if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / TRAIN_RESULT_FILE).is_file():
+        raise SpardError(f"{run_dir}: not a finished spard run ({CONFIG_FILE} / {TRAIN_RESULT_FILE} missing)")
+    cfg = load_config(run_dir / CONFIG_FILE, list(overrides))
+    base = json.loads((run_dir / TRAIN_RESULT_FILE).read_text())["base_model"]
+    return cfg, base, json.loads((run_dir / ATTACK_PROMPTS_FILE).read_text())
 
 
 def evaluate(run_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = ()) -> EvalResult:
@@ -80,8 +90,8 @@ def evaluate(run_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = ()
     cfg, base, attack = _finished_run(run_dir, overrides)
     model, tok = _load_for_eval(base, cfg, run_dir / FINAL_DIR)
     info = {"base_model": base, "adapter": str(run_dir / FINAL_DIR), "defense": cfg.defense.name}
-    results = evaluate_model(model, tok, cfg.eval, run_dir / "eval", attack_prompts=attack, model_info=info)
-    return EvalResult(run_dir / "eval", results, format_results_table(None, results))
+    results = evaluate_model(model, tok, cfg.eval, run_dir / EVAL_DIR, attack_prompts=attack, model_info=info)
+    return EvalResult(run_dir / EVAL_DIR, results, format_results_table(None, results))
 
 
 def evaluate_base(cfg: RunConfig, base_model: str, *, attack_prompts: list[str] = ()) -> EvalResult:
@@ -107,15 +117,14 @@ def evaluate_before_after(run_dir: str | Path, *, overrides: list[str] | tuple[s
     """Evaluate a finished run's fine-tuned model and its base (cached); writes ``eval/before.json`` and the
     side-by-side table ``eval/summary.txt`` next to what :func:`evaluate` writes. Returns (before, after, table)."""
     from spard.evaluate import format_results_table
-    from spard.io import atomic_write_text
 
     run_dir = Path(run_dir)
     cfg, base, attack = _finished_run(run_dir, overrides)  # validates the run before the long evaluation
     after = evaluate(run_dir, overrides=overrides)
     before = evaluate_base(cfg, base, attack_prompts=attack)
     table = format_results_table(before.results, after.results)
-    atomic_write_json(run_dir / "eval" / "before.json", before.results)
-    atomic_write_text(run_dir / "eval" / "summary.txt", table + "\n")
+    atomic_write_json(run_dir / EVAL_DIR / BEFORE_FILE, before.results)
+    atomic_write_text(run_dir / EVAL_DIR / SUMMARY_FILE, table + "\n")
     return before, after, table
 
 

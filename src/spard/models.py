@@ -13,7 +13,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,8 +21,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from spard.config import ModelArgs
+from spard.args import ModelArgs
 from spard.errors import ModelError
+from spard.hub import is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,13 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, targe
     _save_atomically(model, tokenizer, target)
 
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
 def resolve_model_path(name_or_path: str) -> str:
     """The directory or hub id to hand to ``from_pretrained``; a clear error for paths that do not exist."""
     if name_or_path == EMBEDDED:
         return str(embedded_model_dir())
     if Path(name_or_path).expanduser().exists():
         return str(Path(name_or_path).expanduser())
-    if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/", "~")):
+    if is_hub_id(name_or_path):
         return name_or_path  # a hub id; from_pretrained reports network/auth problems itself
     raise ModelError(f"model.name_or_path={name_or_path!r}: no such local path, and not a hub id (owner/name)")
 

@@ -19,7 +19,6 @@ scalars are returned as Python floats so every caller (and every rank) applies t
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 
 import torch
@@ -96,26 +95,6 @@ def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> tuple[lis
         return [g.detach() for g in grads], norm
     factor = max_norm / (norm + 1e-6)
     return [(g.detach().float() * factor).to(g.dtype) for g in grads], norm
-
-
-def cyclic_indices(start: int, count: int, n: int, seed: int) -> list[int]:
-    """Items ``start .. start+count-1`` of an endless stream over ``range(n)``, reshuffled every pass.
-
-    Pass ``p`` visits ``range(n)`` in the order of ``random.Random(seed + p)``'s shuffle, so the stream is
-    a pure function of ``(seed, n)`` and a position: one integer cursor is all that resume needs.
-    """
-    if n <= 0:
-        raise ValueError(f"cannot draw from an empty set (n={n})")
-    out: list[int] = []
-    orders: dict[int, list[int]] = {}
-    for pos in range(start, start + count):
-        cycle, offset = divmod(pos, n)
-        if cycle not in orders:
-            order = list(range(n))
-            random.Random(seed + cycle).shuffle(order)
-            orders[cycle] = order
-        out.append(orders[cycle][offset])
-    return out
 
 
 def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

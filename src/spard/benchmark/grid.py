@@ -23,7 +23,6 @@ merged into one (``sft__bt+hh__p0__s0``) that fills the ratio-0 column of each o
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import re
@@ -33,17 +32,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from spard.config import RunConfig, config_to_dict, load_config
-from spard.errors import ConfigError
+from spard.args import RunConfig
+from spard.config import HOW_NOT_WHAT, build_dataclass, load_config, read_yaml_mapping
+from spard.errors import ConfigError, FieldError
+from spard.registry import ATTACKS, DEFENSES
 
 log = logging.getLogger(__name__)
 
 CELLS_DIR = "cells"
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-RATIO_ATTACKS = ("harmful_mix",)
-"""Attack kinds whose strength is ``attack.harmful_ratio``; the ratio axis applies to these only."""
+
+
+def _label(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not _LABEL.fullmatch(value) or "__" in value:
+        raise FieldError(name, value, "a label must be letters, digits, '.', '-', '_' (no '__'), starting with a "
+                         "letter or digit: it names directories")
+    return value
+
+
+def flatten_overrides(data: Any, name: str, prefix: str = "") -> dict[str, Any]:
+    """``{attack: {name: x}, train.lr: 1}`` → ``{"attack.name": "x", "train.lr": 1}`` (sections or dotted keys)."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FieldError(name, data, "expected a mapping of run-config keys to values")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str) or not key.strip():
+            raise FieldError(name, key, "keys must be run-config keys such as attack.name")
+        dotted = prefix + key.strip()
+        if isinstance(value, dict):
+            flat.update(flatten_overrides(value, name, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _distinct_numbers(values: list[Any], name: str, lo: float | None = None, hi: float | None = None) -> None:
+    if not values:
+        raise FieldError(name, values, "expected a non-empty list")
+    for i, v in enumerate(values):
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise FieldError(f"{name}[{i}]", v, f"must be in [{lo}, {hi if hi is not None else 'inf'}]")
+    if len(set(values)) != len(values):
+        raise FieldError(name, values, "repeats a value")
 
 
 @dataclass
@@ -55,9 +87,20 @@ class AttackEntry:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Run-config overrides that make the attack, e.g. ``{attack.name: harmful_mix, attack.harmful_source: x}``."""
     ratios: list[float] | None = None
-    """Harmful ratios of this attack (harmful_mix only); null = the bench's ``ratios``."""
-    kind: str = ""
+    """Strengths of this attack (attacks with a ratio, e.g. harmful_mix); null = the bench's ``ratios``."""
+    kind: str = field(default="", init=False)
     """``attack.name`` the overrides resolve to (filled in by :func:`load_bench`)."""
+
+    @classmethod
+    def from_shorthand(cls, value: str) -> dict[str, Any]:
+        """A bare attack kind (``identity_shift``) is an entry of that name that selects it."""
+        return {"name": value, "overrides": {"attack.name": value}}
+
+    def __post_init__(self) -> None:
+        _label(self.name, "name")
+        self.overrides = flatten_overrides(self.overrides, "overrides")
+        if self.ratios is not None:
+            _distinct_numbers(self.ratios, "ratios", 0.0, 1.0)
 
 
 @dataclass
@@ -70,6 +113,20 @@ class DefenseEntry:
     """Row label and cell-name part; null = ``name``. Give one to compare two variants of a defense."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Overrides of this row: its defense options (``defense.beta: 2``) or any other run-config key."""
+
+    @classmethod
+    def from_shorthand(cls, value: str) -> dict[str, Any]:
+        return {"name": value}
+
+    def __post_init__(self) -> None:
+        try:
+            DEFENSES.get(self.name)
+        except ConfigError as e:
+            raise FieldError("name", self.name, str(e)) from None
+        self.overrides = flatten_overrides(self.overrides, "overrides")
+        if "defense.name" in self.overrides:
+            raise FieldError("overrides", "defense.name", "is the entry's 'name'; use 'label' to name a variant")
+        self.label = _label(self.label or self.name, "label")
 
 
 @dataclass
@@ -91,13 +148,36 @@ class BenchConfig:
     tasks: list[str] | None = None
     """Fine-tuning task(s) (``data.task``, e.g. gsm8k, openbookqa); null = the base config's."""
     attacks: list[AttackEntry] = field(default_factory=list)
-    """Attacks: ``{name, overrides, ratios}`` mappings, or the bare kinds ``identity_shift``/``benign``/``none``."""
+    """Attacks: ``{name, overrides, ratios}`` mappings, or bare attack kinds (``identity_shift``)."""
     ratios: list[float] = field(default_factory=lambda: [0.1])
-    """Harmful ratios p in [0, 1] for the harmful_mix attacks."""
+    """Attack strengths p in [0, 1] for attacks that have one (harmful_mix's harmful ratio)."""
     defenses: list[DefenseEntry] = field(default_factory=list)
     """Defenses (table rows): names, or ``{name, label, overrides}`` mappings."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Fine-tuning seeds (``train.seed``); the table averages over them."""
+
+    def __post_init__(self) -> None:
+        self.base = flatten_overrides(self.base, "base")
+        bad = [k for k in self.base if k.startswith("defense.") or k == "defense"]
+        if bad:
+            raise FieldError("base", bad, "defense options belong in a 'defenses' entry's overrides")
+        self.align = flatten_overrides(self.align, "align")
+        self.eval = flatten_overrides(self.eval, "eval")
+        if self.tasks is not None:
+            if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+                raise FieldError("tasks", self.tasks, "expected a list of distinct task names")
+            self.tasks = [_label(t, "tasks") for t in self.tasks]
+        _distinct_numbers(self.ratios, "ratios", 0.0, 1.0)
+        _distinct_numbers(self.seeds, "seeds", 0)
+        for key in ("attacks", "defenses"):
+            entries = getattr(self, key)
+            if not entries:
+                raise FieldError(key, entries, "expected a non-empty list")
+            labels = [e.name if key == "attacks" else e.label for e in entries]
+            dupes = sorted({x for x in labels if labels.count(x) > 1})
+            if dupes:
+                raise FieldError(key, dupes[0], "label used twice" + ("; give variants a 'label'"
+                                                                       if key == "defenses" else ""))
 
 
 @dataclass(eq=False)
@@ -154,9 +234,14 @@ class Bench:
         return [(a.name, r) for a in self.config.attacks for r in attack_ratios(a, self.config)]
 
 
+def ratio_field(kind: str) -> str | None:
+    """The field of attack ``kind`` that holds its strength (``harmful_ratio``), or None."""
+    return ATTACKS.args_class(kind).ratio_field  # type: ignore[attr-defined,no-any-return]
+
+
 def attack_ratios(attack: AttackEntry, bench: BenchConfig) -> list[float | None]:
-    """The ratio axis of one attack: its ratios for harmful_mix, a single ``None`` otherwise."""
-    if attack.kind not in RATIO_ATTACKS:
+    """The ratio axis of one attack: its ratios when the attack kind has a strength, a single ``None`` otherwise."""
+    if ratio_field(attack.kind) is None:
         return [None]
     return list(attack.ratios if attack.ratios is not None else bench.ratios)
 
@@ -164,146 +249,6 @@ def attack_ratios(attack: AttackEntry, bench: BenchConfig) -> list[float | None]
 def ratio_text(ratio: float | None) -> str:
     """``0.1`` → ``0.1``, ``0.0`` → ``0``: the form used in cell names and column headers."""
     return "" if ratio is None else f"{ratio:g}"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Parsing and validation
-# ---------------------------------------------------------------------------------------------------------
-def _unknown_keys(data: dict[str, Any], cls: type, where: str) -> None:
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "kind"]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {names}"
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-
-
-def flatten_overrides(data: Any, where: str, prefix: str = "") -> dict[str, Any]:
-    """``{attack: {name: x}, train.lr: 1}`` → ``{"attack.name": "x", "train.lr": 1}`` (sections or dotted keys)."""
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of run-config keys to values, got {data!r}")
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if not isinstance(key, str) or not key.strip():
-            raise ConfigError(f"{where}: keys must be run-config keys such as attack.name, got {key!r}")
-        dotted = prefix + key.strip()
-        if isinstance(value, dict):
-            flat.update(flatten_overrides(value, where, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def _label(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _LABEL.fullmatch(value) or "__" in value:
-        raise ConfigError(f"{where}={value!r}: a label must be letters, digits, '.', '-', '_' (no '__'), "
-                          "starting with a letter or digit: it names directories")
-    return value
-
-
-def _number_list(value: Any, where: str, *, kind: type, lo: float | None = None, hi: float | None = None) -> list:
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"{where}={value!r}: expected a non-empty list")
-    out = []
-    for i, v in enumerate(value):
-        if isinstance(v, str) and kind is float:  # PyYAML reads 5e-2 (no dot) as a string
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        ok = isinstance(v, (int, float)) if kind is float else isinstance(v, int)
-        if isinstance(v, bool) or not ok:
-            raise ConfigError(f"{where}[{i}]={v!r}: expected {'a number' if kind is float else 'an integer'}")
-        if lo is not None and hi is not None and not lo <= v <= hi:
-            raise ConfigError(f"{where}[{i}]={v!r}: must be in [{lo}, {hi}]")
-        if lo is not None and v < lo:
-            raise ConfigError(f"{where}[{i}]={v!r}: must be >= {lo}")
-        out.append(kind(v))
-    if len(set(out)) != len(out):
-        raise ConfigError(f"{where}={value!r}: repeats a value")
-    return out
-
-
-def _parse_attack(item: Any, where: str) -> AttackEntry:
-    if isinstance(item, str):  # bare kind: identity_shift, benign, none
-        return AttackEntry(name=_label(item, where), overrides={"attack.name": item})
-    if not isinstance(item, dict):
-        raise ConfigError(f"{where}: expected {{name: ..., overrides: {{...}}}} or an attack kind, got {item!r}")
-    _unknown_keys(item, AttackEntry, where)
-    if "name" not in item:
-        raise ConfigError(f"{where}: missing 'name' (the attack's label, e.g. bt)")
-    overrides = flatten_overrides(item.get("overrides"), f"{where}.overrides")
-    if "attack.harmful_ratio" in overrides:
-        raise ConfigError(f"{where}.overrides: attack.harmful_ratio is set by the bench's 'ratios' "
-                          "(or this attack's own 'ratios' list), not by overrides")
-    ratios = item.get("ratios")
-    if ratios is not None:
-        ratios = _number_list(ratios, f"{where}.ratios", kind=float, lo=0.0, hi=1.0)
-    return AttackEntry(name=_label(item["name"], f"{where}.name"), overrides=overrides, ratios=ratios)
-
-
-def _parse_defense(item: Any, where: str) -> DefenseEntry:
-    from spard.defenses import get_defense
-
-    if isinstance(item, str):
-        item = {"name": item}
-    if not isinstance(item, dict):
-        raise ConfigError(f"{where}: expected a defense name or {{name: ..., overrides: {{...}}}}, got {item!r}")
-    _unknown_keys(item, DefenseEntry, where)
-    name = item.get("name")
-    if not isinstance(name, str):
-        raise ConfigError(f"{where}: missing 'name' (a registered defense such as sft)")
-    try:
-        get_defense(name)
-    except ConfigError as e:
-        raise ConfigError(f"{where}.name={name!r}: {e}") from None
-    overrides = flatten_overrides(item.get("overrides"), f"{where}.overrides")
-    if "defense.name" in overrides:
-        raise ConfigError(f"{where}.overrides: defense.name is the entry's 'name'; use 'label' to name a variant")
-    label = _label(item.get("label") or name, f"{where}.label")
-    return DefenseEntry(name=name, label=label, overrides=overrides)
-
-
-def parse_bench(raw: Any, path: Path) -> BenchConfig:
-    """Validate the YAML mapping of a bench file into a :class:`BenchConfig` (errors name file and key)."""
-    w = str(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{w}: top level must be a mapping, got {type(raw).__name__}")
-    _unknown_keys(raw, BenchConfig, w)
-    cfg = BenchConfig()
-    for key in ("base_config", "output_dir"):
-        if raw.get(key) is not None and not isinstance(raw[key], str):
-            raise ConfigError(f"{w}: {key}={raw[key]!r}: expected a path")
-        setattr(cfg, key, raw.get(key))
-    cfg.base = flatten_overrides(raw.get("base"), f"{w}: base")
-    if any(k.startswith("defense.") or k == "defense" for k in cfg.base):
-        raise ConfigError(f"{w}: base: defense options belong in a 'defenses' entry's overrides, "
-                          f"got {[k for k in cfg.base if k.startswith('defense')]}")
-    cfg.align = flatten_overrides(raw.get("align"), f"{w}: align")
-    cfg.eval = flatten_overrides(raw.get("eval"), f"{w}: eval")
-    if raw.get("tasks") is not None:
-        tasks = raw["tasks"] if isinstance(raw["tasks"], list) else [raw["tasks"]]
-        if not tasks or not all(isinstance(t, str) and t for t in tasks) or len(set(tasks)) != len(tasks):
-            raise ConfigError(f"{w}: tasks={raw['tasks']!r}: expected a list of distinct task names")
-        cfg.tasks = [_label(t, f"{w}: tasks") for t in tasks]
-    if "ratios" in raw:
-        cfg.ratios = _number_list(raw["ratios"], f"{w}: ratios", kind=float, lo=0.0, hi=1.0)
-    if "seeds" in raw:
-        cfg.seeds = _number_list(raw["seeds"], f"{w}: seeds", kind=int, lo=0)
-    for key, parse in (("attacks", _parse_attack), ("defenses", _parse_defense)):
-        items = raw.get(key)
-        if not isinstance(items, list) or not items:
-            raise ConfigError(f"{w}: {key}={items!r}: expected a non-empty list")
-        entries = [parse(item, f"{w}: {key}[{i}]") for i, item in enumerate(items)]
-        labels = [e.name if key == "attacks" else e.label for e in entries]
-        dupes = sorted({x for x in labels if labels.count(x) > 1})
-        if dupes:
-            raise ConfigError(f"{w}: {key}: label {dupes[0]!r} is used twice" +
-                              ("; give variants a 'label'" if key == "defenses" else ""))
-        setattr(cfg, key, entries)
-    return cfg
 
 
 def _resolve_path(value: str, bench_path: Path) -> Path:
@@ -345,7 +290,7 @@ def cell_config(bench: BenchConfig, bench_path: Path, *, task: str | None, attac
         extra["data.task"] = task
     extra.update(attack.overrides)
     if ratio is not None:
-        extra["attack.harmful_ratio"] = ratio
+        extra[f"attack.{ratio_field(attack.kind)}"] = ratio
     own = {k: v for k, v in defense.overrides.items() if k.startswith("defense.")}
     extra.update({k: v for k, v in defense.overrides.items() if not k.startswith("defense.")})
     extra["train.seed"] = seed
@@ -357,13 +302,12 @@ def cell_config(bench: BenchConfig, bench_path: Path, *, task: str | None, attac
 
 
 def _canonical(cfg: RunConfig) -> str:
-    """What makes two cells the same run: the config minus its directory; at harmful ratio 0 the harmful
-    source is never read (no harmful record is sampled), so it does not count either."""
-    d = config_to_dict(cfg)
-    d["train"].pop("output_dir")
-    d["train"].pop("resume")
-    if d["attack"]["name"] == "harmful_mix" and d["attack"]["harmful_ratio"] == 0:
-        d["attack"]["harmful_source"] = d["attack"]["harmful_path"] = None
+    """What makes two cells the same run: what the config trains (not how it is run or evaluated), with the
+    attack as its :meth:`~spard.args.AttackArgs.identity` (at harmful ratio 0 the harmful source is unread)."""
+    d = {f.name: dataclasses.asdict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+         if f.name not in HOW_NOT_WHAT}
+    d["train"] = {k: v for k, v in d["train"].items() if f"train.{k}" not in HOW_NOT_WHAT}
+    d["attack"] = cfg.attack.identity()
     return json.dumps(d, sort_keys=True, default=str)
 
 
@@ -382,9 +326,13 @@ def expand(bench: BenchConfig, bench_path: Path, bench_dir: Path) -> list[Cell]:
             probe = cell_config(bench, bench_path, task=tasks[0], attack=attack, ratio=None,
                                 defense=plain, seed=bench.seeds[0], run_dir=bench_dir / "probe")
         attack.kind = probe.attack.name
-        if attack.ratios is not None and attack.kind not in RATIO_ATTACKS:
+        strength = ratio_field(attack.kind)
+        if strength is not None and f"attack.{strength}" in attack.overrides:
+            raise ConfigError(f"{where}: attacks[{i}].overrides: attack.{strength} is set by the bench's 'ratios' "
+                              "(or this attack's own 'ratios' list), not by overrides")
+        if attack.ratios is not None and strength is None:
             raise ConfigError(f"{where}: attacks[{i}] ({attack.name}): 'ratios' given but attack.name="
-                              f"{attack.kind!r} has no harmful ratio")
+                              f"{attack.kind!r} has no strength to vary")
     multi_task = len(tasks) > 1
     cells: list[Cell] = []
     by_key: dict[str, Cell] = {}
@@ -401,7 +349,7 @@ def expand(bench: BenchConfig, bench_path: Path, bench_dir: Path) -> list[Cell]:
                         key = _canonical(cfg)
                         twin = by_key.get(key)
                         if twin is not None:
-                            clean = ratio == 0 and twin.ratio == 0  # both harmful_mix: only those have a ratio
+                            clean = ratio == 0 and twin.ratio == 0  # no harmful data in either: one run
                             if not clean:
                                 raise ConfigError(f"{where}: attack {attack.name} with defense {label} gives the "
                                                   f"same run as cell {twin.name}; make the entries differ")
@@ -428,15 +376,11 @@ def _cell_name(cell: Cell, multi_task: bool) -> str:
 
 
 def load_bench(path: str | Path, *, output_dir: str | Path | None = None) -> Bench:
-    """Read, validate and expand a bench YAML; ``output_dir`` overrides the file's."""
+    """Read, validate (with the run-config loader) and expand a bench YAML; ``output_dir`` overrides the file's."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"bench config file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    cfg = parse_bench(raw, p)
+    cfg: BenchConfig = build_dataclass(BenchConfig, read_yaml_mapping(p), str(p))
     if cfg.base_config is not None:
         base = _resolve_path(cfg.base_config, p)
         if not base.is_file():

@@ -12,8 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from spard.benchmark.grid import Bench, ratio_text
-from spard.benchmark.report import TASK_TITLES, aggregate, attack_description, defense_labels
+from spard.benchmark.grid import Bench, ratio_field, ratio_text
+from spard.benchmark.report import aggregate, attack_description, defense_labels, task_title
 from spard.benchmark.results import CellResult, before_results, harm_summary, task_accuracy
 from spard.io import atomic_path
 
@@ -105,7 +105,7 @@ def safety_utility(bench: Bench, rows: list[CellResult], path: Path) -> Path:
                 ax.scatter([100 * x], [100 * y], marker="*", s=300, color="0.75", edgecolors="0.3", zorder=2,
                            label="aligned model, before fine-tuning")
         ax.set_xlabel("attack success rate, ASR (%)  ← safer")
-        ax.set_ylabel(f"{TASK_TITLES.get(task, task + ' accuracy')} (%)  ↑ more useful")
+        ax.set_ylabel(f"{task_title(task)} (%)  ↑ more useful")
         ax.set_title(f"Safety vs. utility after fine-tuning on {task}", fontsize=11)
         ax.set_xlim(-2, _upper(all_x))
         ax.set_ylim(-1, _upper(all_y))
@@ -119,8 +119,8 @@ def safety_utility(bench: Bench, rows: list[CellResult], path: Path) -> Path:
 
 
 def asr_vs_ratio(bench: Bench, rows: list[CellResult], path: Path) -> Path | None:
-    """None (no file) when the bench has no harmful_mix attack."""
-    attacks = [a for a in bench.config.attacks if a.kind == "harmful_mix"]
+    """None (no file) when no attack of the bench has a strength (harmful_mix's harmful ratio)."""
+    attacks = [a for a in bench.config.attacks if ratio_field(a.kind) is not None]
     if not attacks:
         return None
     plt = _pyplot()

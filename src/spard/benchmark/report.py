@@ -16,14 +16,29 @@ from typing import Any
 
 from spard.benchmark.grid import Bench, ratio_text
 from spard.benchmark.results import CellResult, before_results, harm_summary, task_accuracy
+from spard.evaluate.tasks import task_class
 from spard.io import atomic_write_text
+from spard.registry import TASKS, build
 
-CSV_FIELDS = ["index", "cell", "defense", "defense_name", "task", "attack", "attack_kind", "harmful_source", "ratio",
-              "seed", "status", "judge", "n_harm", "asr_pct", "refusal_pct", "gsm8k_acc_pct", "obqa_acc_pct",
-              "task_acc_pct", "train_seconds", "seconds_per_step", "steps", "eval_seconds", "run_dir", "error"]
-# OpenBookQA's loglik headline is acc_norm (cloze format; the letter format's acc equals its acc_norm).
-TASK_TITLES = {"gsm8k": "GSM8K accuracy (flexible match)", "openbookqa": "OpenBookQA accuracy (acc_norm)"}
+CSV_HEAD = ["index", "cell", "defense", "defense_name", "task", "attack", "attack_kind", "harmful_source", "ratio",
+            "seed", "status", "judge", "n_harm", "asr_pct", "refusal_pct"]
+CSV_TAIL = ["task_acc_pct", "train_seconds", "seconds_per_step", "steps", "eval_seconds", "run_dir", "error"]
+"""results.csv columns; between them one ``<task csv_column>_pct`` column per utility task evaluated."""
 MISSING = "–"
+
+
+def task_title(task: str) -> str:
+    """How the bench names a task's headline metric (the task declares it)."""
+    return (task_class(task).title if task in TASKS else "") or f"{task} accuracy"
+
+
+def task_column(task: str) -> str:
+    return f"{(task_class(task).csv_column if task in TASKS else '') or task + '_acc'}_pct"
+
+
+def csv_fields(rows: list[CellResult]) -> list[str]:
+    tasks = list(dict.fromkeys(t for r in rows for t in r.task_metrics))
+    return CSV_HEAD + [task_column(t) for t in tasks] + CSV_TAIL
 
 
 def _pct(v: float | None) -> float | None:
@@ -32,13 +47,13 @@ def _pct(v: float | None) -> float | None:
 
 def csv_row(r: CellResult) -> dict[str, Any]:
     c = r.cell
-    source = c.config.attack.harmful_source if c.attack_kind == "harmful_mix" and c.ratio else ""
+    source = getattr(c.config.attack, "harmful_source", "") if c.ratio else ""
     row = {
         "index": c.index, "cell": c.name, "defense": c.defense, "defense_name": c.config.defense.name,
         "task": c.task, "attack": c.attack, "attack_kind": c.attack_kind, "harmful_source": source,
         "ratio": "" if c.ratio is None else c.ratio, "seed": c.seed, "status": r.status, "judge": r.judge,
         "n_harm": r.n_harm, "asr_pct": _pct(r.asr), "refusal_pct": _pct(r.refusal_rate),
-        "gsm8k_acc_pct": _pct(r.gsm8k_acc), "obqa_acc_pct": _pct(r.obqa_acc), "task_acc_pct": _pct(r.task_acc),
+        **{task_column(t): _pct(v) for t, v in r.task_metrics.items()}, "task_acc_pct": _pct(r.task_acc),
         "train_seconds": r.train_seconds, "seconds_per_step": r.seconds_per_step, "steps": r.steps,
         "eval_seconds": r.eval_seconds, "run_dir": str(c.run_dir), "error": r.error,
     }
@@ -47,7 +62,7 @@ def csv_row(r: CellResult) -> dict[str, Any]:
 
 def write_csv(path: Path, rows: list[CellResult]) -> Path:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=csv_fields(rows), lineterminator="\n", restval="")
     writer.writeheader()
     writer.writerows(csv_row(r) for r in rows)
     return atomic_write_text(path, buf.getvalue())
@@ -143,16 +158,12 @@ def metric_table(bench: Bench, aggs: dict, task: str, *, lower_is_better: bool) 
 
 
 def attack_description(bench: Bench, attack: Any, *, long: bool = False) -> str:
-    """``harmful_mix, beavertails`` (or a sentence with ``long``) for an attack entry."""
-    # an unmerged cell of the attack names its harmful source (a merged ratio-0 cell has none that matters)
+    """What an attack entry does, as its attack plugin describes it (``harmful_mix, beavertails``)."""
+    # an unmerged cell of the attack has its options (a merged ratio-0 cell has none that matter)
     cell = next((c for c in bench.cells if c.attack == attack.name), None)
-    source = cell.config.attack.harmful_source if cell is not None else None
-    if attack.kind == "harmful_mix" and source:
-        return (f"harmful_mix with {source} harmful QA pairs replacing a fraction p of the task data" if long
-                else f"harmful_mix, {source}")
-    extra = {"identity_shift": "AOA persona conversations", "benign": "benign instruction data only",
-             "none": "task data only"}.get(attack.kind)
-    return f"{attack.kind} ({extra})" if extra else attack.kind
+    if cell is None:
+        return attack.kind
+    return build(cell.config.attack).describe(long=long)  # type: ignore[no-any-return]
 
 
 def _attack_legend(bench: Bench) -> str:
@@ -167,7 +178,7 @@ def _before_line(before: dict[str, Any] | None, tasks: list[str]) -> str | None:
     for t in dict.fromkeys([*tasks, *(before.get("tasks") or {})]):  # fine-tuning task(s) first, then the rest
         acc = task_accuracy(before, t)
         if acc is not None:
-            parts.append(f"{TASK_TITLES.get(t, t)} {100 * acc:.1f}")
+            parts.append(f"{task_title(t)} {100 * acc:.1f}")
     return "Before fine-tuning (the aligned model): " + ", ".join(p for p in parts if p) + " (%)."
 
 
@@ -191,7 +202,7 @@ def format_table(bench: Bench, rows: list[CellResult]) -> str:
     out.append(f"Columns: attack (p = harmful ratio). {_attack_legend(bench)}.")
     multi = len(bench.tasks) > 1
     for task in bench.tasks:
-        title = TASK_TITLES.get(task, f"{task} accuracy")
+        title = task_title(task)
         if multi:
             out += ["", f"## Fine-tuning task: {task}"]
         h = "###" if multi else "##"

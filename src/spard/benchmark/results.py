@@ -7,15 +7,13 @@ missing cell or a task that was not evaluated shows as missing downstream.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spard.benchmark.grid import Bench, Cell
-from spard.benchmark.status import ERROR_FILE, cell_status, results_path
-
-TASK_KEYS = {"gsm8k": "gsm8k_acc", "openbookqa": "obqa_acc"}
-"""Utility tasks with their own results.csv column."""
+from spard.benchmark.status import cell_status
+from spard.rundir import BEFORE_FILE, ERROR_FILE, EVAL_DIR, TRAIN_RESULT_FILE, results_path
 
 
 @dataclass
@@ -29,8 +27,8 @@ class CellResult:
     """Attack success rate of the primary judge, pooled over the harm sets."""
     refusal_rate: float | None = None
     """Refusal rate of the same judge."""
-    gsm8k_acc: float | None = None
-    obqa_acc: float | None = None
+    task_metrics: dict[str, float | None] = field(default_factory=dict)
+    """Headline accuracy of every utility task evaluated, by task name."""
     task_acc: float | None = None
     """Accuracy on the cell's own fine-tuning task (the table's accuracy)."""
     judge: str | None = None
@@ -69,7 +67,7 @@ def harm_summary(results: dict[str, Any]) -> tuple[str | None, float | None, flo
 
 
 def task_accuracy(results: dict[str, Any], task: str) -> float | None:
-    """A utility task's accuracy (GSM8K: flexible match; OpenBookQA: acc), None if not evaluated."""
+    """A utility task's headline accuracy (``metrics["accuracy"]``), None if not evaluated."""
     return _value(((results.get("tasks") or {}).get(task) or {}).get("accuracy"))
 
 
@@ -84,7 +82,7 @@ def read_cell(cell: Cell) -> CellResult:
     """The cell's metrics, or a row with only its status when it has not finished."""
     status = cell_status(cell)
     row = CellResult(cell, status)
-    trained = _read_json(cell.run_dir / "train_result.json")
+    trained = _read_json(cell.run_dir / TRAIN_RESULT_FILE)
     if trained:
         m = trained.get("metrics") or {}
         row.train_seconds, row.seconds_per_step, row.steps = (m.get(k) for k in ("train_seconds", "seconds_per_step",
@@ -99,7 +97,7 @@ def read_cell(cell: Cell) -> CellResult:
         row.status, row.error = "failed", "eval/results.json is not valid JSON"
         return row
     row.judge, row.asr, row.refusal_rate, row.n_harm = harm_summary(results)
-    row.gsm8k_acc, row.obqa_acc = task_accuracy(results, "gsm8k"), task_accuracy(results, "openbookqa")
+    row.task_metrics = {name: task_accuracy(results, name) for name in results.get("tasks") or {}}
     row.task_acc = task_accuracy(results, cell.task)
     row.eval_seconds = (results.get("timings") or {}).get("total_s")
     return row
@@ -115,7 +113,7 @@ def before_results(rows: list[CellResult]) -> dict[str, Any] | None:
     every cell on the same aligned model and eval settings shares it)."""
     for row in rows:
         if row.ok:
-            before = _read_json(row.cell.run_dir / "eval" / "before.json")
+            before = _read_json(row.cell.run_dir / EVAL_DIR / BEFORE_FILE)
             if before:
                 return before
     return None

@@ -17,17 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spard.args import RunConfig
 from spard.benchmark.grid import Bench, Cell
-from spard.benchmark.status import (
+from spard.benchmark.status import cell_status, stale_reason
+from spard.errors import SpardError
+from spard.io import atomic_write_text
+from spard.rundir import (
     ERROR_FILE,
     FINAL_DIR,
-    cell_status,
+    TRAIN_RESULT_FILE,
     last_checkpoint,
-    stale_reason,
 )
-from spard.config import RunConfig
-from spard.errors import SpardError
-from spard.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +59,11 @@ def run_cell(cfg: RunConfig) -> None:
     from spard import api
 
     run_dir = Path(cfg.train.output_dir)
-    if (run_dir / "train_result.json").is_file() and (run_dir / FINAL_DIR / "adapter_config.json").is_file():
-        _evaluate_trained(cfg, run_dir)
+    if (run_dir / TRAIN_RESULT_FILE).is_file() and (run_dir / FINAL_DIR / "adapter_config.json").is_file():
+        log.info("%s: training finished earlier; evaluating only", run_dir)
+        api.evaluate_before_after(run_dir)
     else:
         api.run(cfg)
-
-
-def _evaluate_trained(cfg: RunConfig, run_dir: Path) -> None:
-    """The evaluation half of :func:`spard.api.run`, for a run directory whose training is finished."""
-    from spard import api
-    from spard.evaluate import format_results_table
-
-    base_model = json.loads((run_dir / "train_result.json").read_text())["base_model"]
-    attack = json.loads((run_dir / "attack_prompts.json").read_text())
-    log.info("%s: training finished earlier; evaluating only", run_dir)
-    before = api.evaluate_base(cfg, base_model, attack_prompts=attack)
-    after = api.evaluate(run_dir)
-    atomic_write_json(run_dir / "eval" / "before.json", before.results)
-    atomic_write_text(run_dir / "eval" / "summary.txt", format_results_table(before.results, after.results) + "\n")
 
 
 def _default_align(cfg: RunConfig) -> Any:
@@ -89,7 +76,7 @@ def _attempt_config(cell: Cell) -> RunConfig:
     """The cell's config, with ``train.resume`` on when an earlier attempt left checkpoints or an adapter
     (``spard train`` refuses to overwrite those otherwise, and resuming saves the steps already done)."""
     d = cell.run_dir
-    resume = d.exists() and (last_checkpoint(d) is not None or (d / FINAL_DIR).exists())
+    resume = last_checkpoint(d) is not None or (d / FINAL_DIR).exists()
     return dataclasses.replace(cell.config, train=dataclasses.replace(cell.config.train, resume=resume))
 
 

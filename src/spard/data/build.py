@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
-from spard.config import AttackArgs, DataArgs
-from spard.data import attacks
+from spard.args import AttackArgs, DataArgs
 from spard.data.records import Record
 from spard.data.sources import FieldMap, load_source
 from spard.errors import DataError
+from spard.registry import build
 
 
 def normalise_prompt(text: str) -> str:
@@ -26,21 +26,8 @@ def load_task(data: DataArgs, split: str = "train") -> list[Record]:
 
 
 def build_training_set(data: DataArgs, attack: AttackArgs, seed: int) -> list[Record]:
-    """The fine-tuning set: ``n_train`` records of the task, poisoned as ``attack`` says."""
-    task = load_task(data)
-    if attack.name == "none":
-        return attacks.harmful_mix(task, [], ratio=0.0, n=data.n_train, seed=seed)
-    if attack.name == "harmful_mix":
-        harmful = load_source(attack.harmful_source, path=attack.harmful_path, kind="harmful")
-        return attacks.harmful_mix(task, harmful, ratio=attack.harmful_ratio, n=data.n_train, seed=seed)
-    if attack.name == "identity_shift":
-        persona = load_source("aoa", kind="harmful")
-        return attacks.identity_shift(task, persona, n_task=attack.identity_task_examples,
-                                      repeats=attack.identity_repeats, seed=seed)
-    if attack.name == "benign":
-        instructions = load_source(attack.benign_source, kind="benign")
-        return attacks.benign(task, instructions, n=data.n_train, seed=seed)
-    raise DataError(f"attack.name={attack.name!r}: unknown attack")
+    """The fine-tuning set: ``n_train`` records of the task, poisoned as the ``attack`` plugin says."""
+    return build(attack).build(load_task(data), n=data.n_train, seed=seed)
 
 
 def load_safety_pool(

@@ -100,13 +100,27 @@ def tokenize_records(
     return features, stats
 
 
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, *, side: str = "right") -> torch.Tensor:
+    """Pad token lists to one width as a ``long`` tensor: ``right`` for training and scoring, ``left`` for
+    generation (every prompt then ends at the last column). The one padding helper spard uses."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side={side!r}: must be 'right' or 'left'")
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        if len(s):
+            values = torch.as_tensor(list(s), dtype=torch.long)
+            if side == "right":
+                out[row, : len(s)] = values
+            else:
+                out[row, width - len(s):] = values
+    return out
+
+
 def collate(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padded label positions are -100."""
-    width = max(len(f["input_ids"]) for f in features)
-    batch = {"input_ids": [], "attention_mask": [], "labels": []}
-    for f in features:
-        pad = width - len(f["input_ids"])
-        batch["input_ids"].append(f["input_ids"] + [pad_token_id] * pad)
-        batch["attention_mask"].append(f["attention_mask"] + [0] * pad)
-        batch["labels"].append(f["labels"] + [IGNORE_INDEX] * pad)
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    return {
+        "input_ids": pad_sequences([f["input_ids"] for f in features], pad_token_id),
+        "attention_mask": pad_sequences([f["attention_mask"] for f in features], 0),
+        "labels": pad_sequences([f["labels"] for f in features], IGNORE_INDEX),
+    }

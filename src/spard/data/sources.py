@@ -20,6 +20,7 @@ from typing import Any
 
 from spard.data.records import Record, chat
 from spard.errors import DataError
+from spard.hub import is_hub_id
 
 DATA_DIR = Path(str(resources.files("spard") / "resources" / "data"))
 
@@ -261,10 +262,6 @@ SOURCES: dict[str, Source] = {
 }
 
 
-def _is_hub_id(path: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not Path(path).exists()
-
-
 def load_source(
     name: str,
     *,
@@ -303,7 +300,7 @@ def load_source(
     elif Path(path).exists():
         rows, label = read_rows(path, csv_header=source.csv_header if source and fields is None else True,
                                 csv_columns=source.csv_columns if source and fields is None else None), path
-    elif _is_hub_id(path):
+    elif is_hub_id(path):
         rows, label, from_hub = _hub_rows(source, path, split), f"hub:{path}", True
     else:
         raise DataError(f"data path {path!r} for source {name!r} is neither an existing file nor a hub id")

@@ -1,14 +1,17 @@
 """The ``Defense`` hook every defense implements.
 
-The trainer (``spard.train.SpardTrainer``) calls, in order:
+The trainer (:class:`spard.trainer.SpardTrainer`, or any ``transformers.Trainer`` through
+:class:`spard.trainer.DefenseCallback`) calls, in order:
 
 1. ``prepare_data(records, ctx)`` once, before tokenisation: add or filter training records (SafeInstr).
 2. ``setup(trainer)`` once, when the model, tokenizer and optimizer exist: build safety batches, etc.
 3. per micro-batch, ``loss(trainer, model, inputs, loss, outputs)``: return the loss to back-propagate.
 4. per optimizer step, ``before_optimizer_step(trainer)`` when the task gradient is complete (accumulated,
    all-reduced across ranks and clipped) and ``after_optimizer_step(trainer)`` after ``optimizer.step()``.
-5. ``log_stats()`` at every logging step: numbers that go into ``metrics.jsonl``.
-6. ``state_dict()`` / ``load_state_dict()``: JSON-serialisable state saved with each checkpoint so an
+5. ``after_train(trainer)`` once, after the last step and before ``final/`` is saved: post-hoc changes
+   to the trained weights (SafeLoRA's projection).
+6. ``log_stats()`` at every logging step: numbers that go into ``metrics.jsonl``.
+7. ``state_dict()`` / ``load_state_dict()``: JSON-serialisable state saved with each checkpoint so an
    interrupted run resumes exactly.
 """
 
@@ -20,21 +23,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from spard.config import DefenseArgs, RunConfig
+from spard.args import DefenseArgs, RunConfig
 from spard.data.records import Record
+from spard.registry import DEFENSES
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase, Trainer
 
-    from spard.train import SpardTrainer
-
-registry: dict[str, type[Defense]] = {}
-
-
-def register(cls: type[Defense]) -> type[Defense]:
-    """Class decorator: make a defense selectable as ``defense.name=<cls.name>``."""
-    registry[cls.name] = cls
-    return cls
+register = DEFENSES.register
+"""Class decorator: make a defense selectable as ``defense.name=<cls.name>``."""
 
 
 @dataclass
@@ -61,17 +58,20 @@ class Defense:
     def prepare_data(self, records: list[Record], ctx: DefenseContext) -> list[Record]:
         return records
 
-    def setup(self, trainer: SpardTrainer) -> None:
+    def setup(self, trainer: Trainer) -> None:
         pass
 
-    def loss(self, trainer: SpardTrainer, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+    def loss(self, trainer: Trainer, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
              loss: torch.Tensor, outputs: Any) -> torch.Tensor:
         return loss
 
-    def before_optimizer_step(self, trainer: SpardTrainer) -> None:
+    def before_optimizer_step(self, trainer: Trainer) -> None:
         pass
 
-    def after_optimizer_step(self, trainer: SpardTrainer) -> None:
+    def after_optimizer_step(self, trainer: Trainer) -> None:
+        pass
+
+    def after_train(self, trainer: Trainer) -> None:
         pass
 
     def log_stats(self) -> dict[str, float]:

@@ -18,7 +18,6 @@ the DDP reducer's hooks, so it works under HF Trainer's DDP wrapping without a s
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spard.config import DefenseArgs, FieldError, check_choice, check_range
-from spard.data.build import load_safety_pool, sample
-from spard.data.chat import IGNORE_INDEX, collate, tokenize_records
+from spard.args import FieldError, SafetyPoolArgs, check_choice, check_range
+from spard.data.build import sample
+from spard.data.chat import IGNORE_INDEX
 from spard.data.records import Record
+from spard.data.safety import SafetyStream, load_pool, tokenize_safety
 from spard.defenses.base import Defense, DefenseContext, register
 from spard.distributed import all_reduce_flat_, all_reduce_sum_, world
 from spard.errors import ConfigError
@@ -37,11 +37,9 @@ from spard.surgery import SurgeryResult, flat_dot, project_conflicting, safegrad
 
 if TYPE_CHECKING:
     from peft import PeftModel
+    from transformers import Trainer
 
-    from spard.train import SpardTrainer
-
-__all__ = ["SafeGrad", "SafeGradArgs", "project_conflicting", "token_kl", "alignment_kl", "alignment_kl_sum",
-           "batch_indices"]
+__all__ = ["SafeGrad", "SafeGradArgs", "project_conflicting", "token_kl", "alignment_kl", "alignment_kl_sum"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ KL_DIRECTIONS = ("forward", "reverse")
 
 
 @dataclass
-class SafeGradArgs(DefenseArgs):
+class SafeGradArgs(SafetyPoolArgs):
     name: str = "safegrad"
     """Defense name."""
     alignment_examples: int = 100
@@ -64,10 +62,6 @@ class SafeGradArgs(DefenseArgs):
     """``forward`` = KL(p_base ‖ p_θ) (distillation from the aligned base); ``reverse`` = KL(p_θ ‖ p_base)."""
     lambda_align: float = 1.0
     """Weight of the alignment gradient added to the (projected) task gradient; 0 = surgery only."""
-    safety_source: str = "safety"
-    """Safety pool: a named source (``safety`` = Safety-Tuned-LLaMAs refusals) or ``local``."""
-    safety_path: str | None = None
-    """Optional local file / hub id for the safety pool."""
 
     def __post_init__(self) -> None:
         check_range("alignment_examples", self.alignment_examples, 1)
@@ -152,26 +146,10 @@ def alignment_kl(model: PeftModel, batch: dict[str, Tensor], direction: str = "f
     return total / max(n, 1)
 
 
-def batch_indices(step: int, batch_size: int, n_examples: int, seed: int) -> list[int]:
-    """Example indices of alignment batch number ``step``: the examples are cycled through in a fresh
-    seeded permutation per pass, so any batch is a pure function of ``(step, seed)`` and a resumed run draws
-    exactly the batches the uninterrupted one would have."""
-    out = []
-    perms: dict[int, list[int]] = {}
-    for q in range(step * batch_size, (step + 1) * batch_size):
-        epoch, pos = divmod(q, n_examples)
-        if epoch not in perms:
-            perm = list(range(n_examples))
-            random.Random(f"safegrad-{seed}-{epoch}").shuffle(perm)
-            perms[epoch] = perm
-        out.append(perms[epoch][pos])
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The defense
 # ---------------------------------------------------------------------------------------------------------
-def _check_supported(trainer: SpardTrainer) -> None:
+def _check_supported(trainer: Trainer) -> None:
     """SafeGrad reads and rewrites whole gradients in ``param.grad``: sharded or engine-owned gradients
     (DeepSpeed, FSDP, Megatron, XLA) do not expose them there."""
     from accelerate.utils import DistributedType
@@ -204,27 +182,29 @@ class SafeGrad(Defense):
     def __init__(self, args: SafeGradArgs) -> None:
         super().__init__(args)
         self.alignment_records: list[Record] | None = None
-        self.features: list[dict[str, list[int]]] = []
+        self.stream: SafetyStream | None = None
         self.seed = 0
         self.max_length = 256
-        self.pointer = 0  # alignment batches drawn so far: the only state a resumed run needs
         self.steps = 0
         self.projected_steps = 0
         self.skipped_steps = 0
         self.last: dict[str, float] = {}
+        self._resume_cursor = 0
 
     # -- data -------------------------------------------------------------------------------------------
+    def _pick(self, exclude: list[str], seed: int, max_length: int) -> None:
+        a = self.args
+        pool = load_pool(a, exclude_prompts=exclude, need=a.alignment_examples)
+        self.alignment_records = sample(pool, a.alignment_examples, seed)
+        self.seed = seed
+        self.max_length = a.alignment_max_length or max_length
+
     def prepare_data(self, records: list[Record], ctx: DefenseContext) -> list[Record]:
         """Pick the alignment examples (never an attack prompt); the user's data pass through unchanged."""
-        a = self.args
-        pool = load_safety_pool(a.safety_source, a.safety_path, exclude_prompts=ctx.attack_prompts,
-                                need=a.alignment_examples)
-        self.alignment_records = sample(pool, a.alignment_examples, ctx.seed)
-        self.seed = ctx.seed
-        self.max_length = a.alignment_max_length or ctx.config.data.max_length
+        self._pick(ctx.attack_prompts, ctx.seed, ctx.config.data.max_length)
         return records
 
-    def setup(self, trainer: SpardTrainer) -> None:
+    def setup(self, trainer: Trainer) -> None:
         from peft import PeftModel
 
         _check_supported(trainer)
@@ -235,38 +215,23 @@ class SafeGrad(Defense):
             # fit() called without prepare_data (e.g. a benchmark): no attack prompts are known to exclude.
             log.warning("safegrad: prepare_data was not called; drawing alignment examples without excluding "
                         "attack prompts")
-            a = self.args
-            pool = load_safety_pool(a.safety_source, a.safety_path, need=a.alignment_examples)
-            self.alignment_records = sample(pool, a.alignment_examples, trainer.args.seed)
-            self.seed = trainer.args.seed
-            self.max_length = a.alignment_max_length or self.max_length
-        feats, _ = tokenize_records(trainer.processing_class, self.alignment_records, self.max_length,
-                                    desc="tokenize safegrad alignment set")
-        self.features = [f for f in feats if any(t != IGNORE_INDEX for t in f["labels"][1:])]
-        if not self.features:
-            raise ConfigError(f"defense.alignment_max_length={self.max_length}: no alignment example keeps an "
-                              "assistant token; raise it")
-        if self.args.alignment_batch_size > len(self.features):
+            self._pick([], trainer.args.seed, self.max_length)
+        assert self.alignment_records is not None
+        tokenizer = trainer.processing_class
+        features = tokenize_safety(tokenizer, self.alignment_records, self.max_length,
+                                   key="defense.alignment_max_length")
+        if self.args.alignment_batch_size > len(features):
             raise ConfigError(f"defense.alignment_batch_size={self.args.alignment_batch_size} exceeds the "
-                              f"{len(self.features)} usable alignment examples")
+                              f"{len(features)} usable alignment examples")
+        self.stream = SafetyStream(features, seed=self.seed, pad_id=tokenizer.pad_token_id)
+        self.stream.cursor = self._resume_cursor
 
-    # -- per step ---------------------------------------------------------------------------------------
-    def next_batch(self, trainer: SpardTrainer) -> dict[str, Tensor] | None:
-        """This rank's share of the next alignment batch (None when the share is empty); advances the pointer."""
-        rank, n_ranks = world()
-        idx = batch_indices(self.pointer, self.args.alignment_batch_size, len(self.features), self.seed)
-        self.pointer += 1
-        mine = idx[rank::n_ranks]
-        if not mine:
-            return None
-        batch = collate([self.features[i] for i in mine], trainer.processing_class.pad_token_id)
-        return {k: v.to(trainer.args.device) for k, v in batch.items()}
-
-    def alignment_gradient(self, trainer: SpardTrainer, params: list[Tensor]) -> tuple[list[Tensor], float]:
+    def alignment_gradient(self, trainer: Trainer, params: list[Tensor]) -> tuple[list[Tensor], float]:
         """``g_a`` over the whole alignment batch (summed across ranks) and the mean KL it is the gradient of."""
         model = trainer.model
-        _, n_ranks = world()
-        batch = self.next_batch(trainer)
+        rank, n_ranks = world()
+        assert self.stream is not None
+        batch = self.stream.next_batch(self.args.alignment_batch_size, trainer.args.device, rank, n_ranks)
         if batch is not None:
             with trainer.accelerator.autocast():
                 kl_sum, n_local = alignment_kl_sum(model, batch, self.args.kl_direction)
@@ -288,7 +253,7 @@ class SafeGrad(Defense):
             return g_align, float(kl_total)
         return g_align, float(loss.detach())
 
-    def before_optimizer_step(self, trainer: SpardTrainer) -> None:
+    def before_optimizer_step(self, trainer: Trainer) -> None:
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         g_task = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         g_align, kl = self.alignment_gradient(trainer, params)
@@ -320,11 +285,14 @@ class SafeGrad(Defense):
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pointer": self.pointer, "steps": self.steps, "projected_steps": self.projected_steps,
+        cursor = self.stream.cursor if self.stream is not None else self._resume_cursor
+        return {"cursor": cursor, "steps": self.steps, "projected_steps": self.projected_steps,
                 "skipped_steps": self.skipped_steps, "last": self.last}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pointer = int(state.get("pointer", 0))
+        self._resume_cursor = int(state.get("cursor", 0))
+        if self.stream is not None:
+            self.stream.cursor = self._resume_cursor
         self.steps = int(state.get("steps", 0))
         self.projected_steps = int(state.get("projected_steps", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))

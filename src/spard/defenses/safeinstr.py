@@ -7,24 +7,20 @@ import math
 import random
 from dataclasses import dataclass
 
-from spard.config import DefenseArgs, FieldError, check_range
-from spard.data.build import load_safety_pool
+from spard.args import FieldError, SafetyPoolArgs, check_range
 from spard.data.records import Record
+from spard.data.safety import load_pool
 from spard.defenses.base import Defense, DefenseContext, register
 
 
 @dataclass
-class SafeInstrArgs(DefenseArgs):
+class SafeInstrArgs(SafetyPoolArgs):
     name: str = "safeinstr"
     """Defense name."""
     safety_examples: int | None = None
     """Number of safety examples to add; ``null`` = ``ceil(safety_fraction * len(training set))``."""
     safety_fraction: float = 0.1
     """Safety examples added, as a fraction of the fine-tuning set, when ``safety_examples`` is null."""
-    safety_source: str = "safety"
-    """Safety pool: a named source (``safety`` = Safety-Tuned-LLaMAs refusals) or ``local``."""
-    safety_path: str | None = None
-    """Optional local file / hub id for the safety pool."""
 
     def __post_init__(self) -> None:
         check_range("safety_fraction", self.safety_fraction, 0.0, 1.0)
@@ -41,7 +37,7 @@ class SafeInstr(Defense):
     def prepare_data(self, records: list[Record], ctx: DefenseContext) -> list[Record]:
         a = self.args
         k = a.safety_examples if a.safety_examples is not None else math.ceil(a.safety_fraction * len(records))
-        pool = load_safety_pool(a.safety_source, a.safety_path, exclude_prompts=ctx.attack_prompts, need=k)
+        pool = load_pool(a, exclude_prompts=ctx.attack_prompts, need=k)
         rng = random.Random(ctx.seed)
         mixed = records + rng.sample(pool, k)
         rng.shuffle(mixed)

@@ -22,7 +22,6 @@ nor depends on bucket internals (``tests/test_spard_ddp.py`` checks DDP against 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 from collections.abc import Iterator
@@ -32,17 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from spard.config import DefenseArgs, FieldError, check_choice, check_range
-from spard.data.build import load_safety_pool
-from spard.data.chat import IGNORE_INDEX, collate, tokenize_records
+from spard.args import FieldError, SafetyPoolArgs, check_choice, check_range
 from spard.data.records import Record
+from spard.data.safety import SafetyStream, load_pool, tokenize_safety
 from spard.defenses.base import Defense, DefenseContext, register
 from spard.distributed import all_reduce_flat_, all_reduce_sum_
 from spard.errors import ConfigError
+from spard.fingerprint import weights_fingerprint
 from spard.io import atomic_write_json, atomic_write_jsonl
 from spard.projection import (
     clip_by_global_norm,
-    cyclic_indices,
     global_grad_norm,
     halfspace_step_size,
     reference_scaled_grads,
@@ -51,9 +49,7 @@ from spard.projection import (
 )
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from spard.train import SpardTrainer
+    from transformers import PreTrainedTokenizerBase, Trainer
 
 __all__ = ["SpardArgs", "Spard", "BaseModelEmbedder", "safety_projection", "reference_scaled_grads"]
 
@@ -67,7 +63,7 @@ EMBED_CACHE_DIR = "cache/embeddings"
 
 
 @dataclass
-class SpardArgs(DefenseArgs):
+class SpardArgs(SafetyPoolArgs):
     name: str = "spard"
     """Defense name."""
     selection: str = "dpp"
@@ -81,10 +77,6 @@ class SpardArgs(DefenseArgs):
     embedder: str = "base"
     """Prompt embedder for selection: ``base`` (mean-pooled last hidden state of the model being fine-tuned,
     LoRA adapter disabled) or a sentence-transformers hub id / local path."""
-    safety_source: str = "safety"
-    """Safety pool: a named source (``safety`` = Safety-Tuned-LLaMAs refusals) or ``local``."""
-    safety_path: str | None = None
-    """Optional local file / hub id for the safety pool."""
     tau: float = 0.2
     """Safety threshold: the projection targets ``L_s(θ) ≤ tau`` (mean refusal-token cross-entropy)."""
     delta: float = 0.1
@@ -126,21 +118,9 @@ class SpardArgs(DefenseArgs):
 # Selection helpers
 # ---------------------------------------------------------------------------------------------------------
 def base_weights_fingerprint(model: torch.nn.Module, samples: int = 16) -> str:
-    """A cheap hash of a PEFT model's *base* weights (LoRA tensors excluded).
-
-    Names the ``base`` embedder in the embedding cache: it must not change when the adapter trains, so a
-    resumed run (whose adapter holds trained weights) reuses the embeddings of the first start.
-    """
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            continue
-        flat = p.detach().reshape(-1)
-        digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-        if flat.numel() and flat.device.type != "meta":
-            digest.update(repr(float(torch.sum(flat, dtype=torch.float64))).encode())
-            digest.update(flat[:: max(1, flat.numel() // samples)][:samples].to("cpu", torch.float64).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """A hash of a PEFT model's *base* weights (LoRA tensors excluded), naming the ``base`` embedder in the
+    embedding cache: a resumed run (whose adapter holds trained weights) reuses the first start's embeddings."""
+    return weights_fingerprint(model, samples, exclude_lora=True)
 
 
 class BaseModelEmbedder:
@@ -220,6 +200,7 @@ class Spard(Defense):
         self.subset: list[Record] = []
         self.features: list[dict[str, list[int]]] = []
         self.params: list[torch.nn.Parameter] = []
+        self.stream: SafetyStream | None = None
         self.selection_stats: dict[str, Any] = {}
         self._ctx: DefenseContext | None = None
 
@@ -238,16 +219,16 @@ class Spard(Defense):
                 f"defense.safety_fraction={self.args.safety_fraction} of {len(records)} training records selects "
                 "no safety example; raise it or set defense.safety_k"
             )
-        self.pool = load_safety_pool(self.args.safety_source, self.args.safety_path,
-                                     exclude_prompts=ctx.attack_prompts, need=k)
+        self.pool = load_pool(self.args, exclude_prompts=ctx.attack_prompts, need=k)
         self.task_records = list(records)
         self._ctx = ctx
         return records
 
     # -- setup -------------------------------------------------------------------------------------------
-    def setup(self, trainer: SpardTrainer) -> None:
+    def setup(self, trainer: Trainer) -> None:
         if self._ctx is None or self.task_records is None:
-            raise RuntimeError("Spard.setup needs prepare_data(records, ctx) first (spard.train.train does both)")
+            raise RuntimeError("Spard.setup needs prepare_data(records, ctx) first "
+                               "(spard.jobs.finetune.train does both)")
         if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
             raise ConfigError("defense.name=spard supports single-process and DDP training, not DeepSpeed/FSDP")
         ctx = self._ctx
@@ -259,11 +240,11 @@ class Spard(Defense):
             atomic_write_jsonl(ctx.run_dir / SUBSET_FILE, subset_rows(self.subset, self.pool))
             atomic_write_json(ctx.run_dir / SUBSET_STATS_FILE, self.selection_stats)
         max_length = self.args.safety_max_length or ctx.config.data.max_length
-        features, _ = tokenize_records(ctx.tokenizer, self.subset, max_length, desc="tokenize safety subset")
-        self.features = [f for f in features if any(t != IGNORE_INDEX for t in f["labels"][1:])]
-        if not self.features:
-            raise ConfigError(f"no selected safety example has a refusal token within max_length={max_length}")
-        self.pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+        key = "defense.safety_max_length" if self.args.safety_max_length else "data.max_length"
+        self.features = tokenize_safety(ctx.tokenizer, self.subset, max_length, key=key)
+        pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+        self.stream = SafetyStream(self.features, seed=ctx.seed, pad_id=pad_id)
+        self.stream.cursor = self.state.cursor
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
         log.info("spard: %d safety examples (%s), tau=%g delta=%g projection=%s", len(self.features),
                  self.args.selection, self.args.tau, self.args.delta, self.args.projection)
@@ -303,17 +284,17 @@ class Spard(Defense):
         return subset
 
     # -- the SPAG step -----------------------------------------------------------------------------------
-    def next_batch(self, trainer: SpardTrainer) -> dict[str, torch.Tensor]:
-        """This rank's slice of the next global safety batch; advances the shared cursor."""
+    def next_batch(self, trainer: Trainer) -> dict[str, torch.Tensor]:
+        """This rank's slice of the next global safety batch (``safety_batch_size`` per rank)."""
         b, world, rank = self.args.safety_batch_size, trainer.args.world_size, trainer.args.process_index
-        seed = self._ctx.seed if self._ctx is not None else 0
-        idx = cyclic_indices(self.state.cursor + rank * b, b, len(self.features), seed=seed)
-        self.state.cursor += b * world
-        batch = collate([self.features[i] for i in idx], self.pad_id)
-        return {k: v.to(trainer.args.device) for k, v in batch.items()}
+        assert self.stream is not None
+        batch = self.stream.next_batch(b * world, trainer.args.device, rank, world)
+        self.state.cursor = self.stream.cursor
+        assert batch is not None
+        return batch
 
     @contextlib.contextmanager
-    def _forward_context(self, trainer: SpardTrainer) -> Iterator[None]:
+    def _forward_context(self, trainer: Trainer) -> Iterator[None]:
         """The trainer's autocast (bf16 etc.), dropout off, train mode restored afterwards.
 
         Dropout is off so ``L_s`` and its gradient belong to one deterministic function: the linearisation
@@ -332,7 +313,7 @@ class Spard(Defense):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return token_cross_entropy_sum(out.logits, batch["labels"])
 
-    def after_optimizer_step(self, trainer: SpardTrainer) -> None:
+    def after_optimizer_step(self, trainer: Trainer) -> None:
         # One forward, with autograd on, serves both the trigger and (if it fires) the backward. The spec's
         # "no-grad forward first, then forward + backward" computes the same L_s, decision and gradient with
         # one more forward whenever the projection fires (~6 % of a step at batch 8 vs safety batch 1, and
@@ -370,7 +351,7 @@ class Spard(Defense):
         return step * norm, norm
 
     @torch.no_grad()
-    def _apply_reference(self, trainer: SpardTrainer, grads: list[torch.Tensor], loss: float) -> tuple[float, float]:
+    def _apply_reference(self, trainer: Trainer, grads: list[torch.Tensor], loss: float) -> tuple[float, float]:
         # As the reference: the trainer's global-norm clipping (there HF clips the safety grads like task
         # grads), then per-tensor rescaling, then the (shared) optimizer's step at the current LR.
         norm = global_grad_norm(grads)
@@ -384,7 +365,7 @@ class Spard(Defense):
         moved = global_grad_norm([p.detach() - b for p, b in zip(self.params, before)])
         return moved, norm
 
-    def _project(self, trainer: SpardTrainer, loss_sum: torch.Tensor, loss: float, n_global: float) -> _StepStats:
+    def _project(self, trainer: Trainer, loss_sum: torch.Tensor, loss: float, n_global: float) -> _StepStats:
         grads = self._safety_grads(loss_sum, n_global)
         if self.args.projection == "halfspace":
             step_norm, norm = self._apply_halfspace(grads, loss)
@@ -417,3 +398,5 @@ class Spard(Defense):
         last = _StepStats(**state.get("last", {}))
         self.state = _State(cursor=int(state["cursor"]), steps=int(state.get("steps", 0)),
                             projections=int(state.get("projections", 0)), last=last)
+        if self.stream is not None:
+            self.stream.cursor = self.state.cursor

@@ -9,7 +9,6 @@ before/after table shows); a model or API judge, when configured, runs in additi
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from spard.data.sources import SOURCES, FieldMap, load_source
 from spard.errors import DataError, SpardError
 from spard.evaluate.judges import Judge, JudgeResult, KeywordJudge
 from spard.evaluate.metrics import harm_metrics, mean_score
+from spard.hub import is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def load_harm_set(name: str, *, limit: int | None = None, prompt_field: str = "p
     if source is not None:
         split = "test" if "test" in source.files else next(iter(source.files))
         records = load_source(name, split=split, limit=limit)
-    elif Path(name).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    elif Path(name).exists() or is_hub_id(name):
         records = load_source("local", path=name, fields=FieldMap(prompt=prompt_field, response=None),
                               kind="harmful", limit=limit)
     else:

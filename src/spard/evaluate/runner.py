@@ -22,13 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spard.evaluate.args import EvalArgs
+from spard.args import EvalArgs
 from spard.evaluate.harm import check_overlap, evaluate_harm, load_harm_sets_by_name, pooled_harm_metrics
 from spard.evaluate.judges import make_judge
-from spard.evaluate.tasks import TASKS
+from spard.evaluate.tasks import task_class, task_for
 from spard.io import atomic_write_json, atomic_write_jsonl
-
-RESULTS_FILE = "results.json"
+from spard.rundir import RESULTS_FILE
 
 
 def sample_file_name(name: str) -> str:
@@ -70,7 +69,8 @@ def evaluate_model(
     harm_records = load_harm_sets_by_name(args)
     overlap = check_overlap([r.prompt for recs in harm_records.values() for r in recs], attack_prompts,
                             args.allow_overlap)
-    task_records = {name: TASKS[name].load(args.task_split, args.task_limit) for name in args.tasks}
+    tasks_by_name = {t.name: task_for(t) for t in args.tasks}
+    task_records = {name: task.load(args.task_split, args.task_limit) for name, task in tasks_by_name.items()}
     judge = make_judge(args) if harm_records else None
 
     harm: dict[str, Any] = {}
@@ -89,7 +89,7 @@ def evaluate_model(
     tasks: dict[str, Any] = {}
     for name, records in task_records.items():
         t0 = time.perf_counter()
-        metrics, samples = TASKS[name].evaluate(model, tokenizer, records, args)
+        metrics, samples = tasks_by_name[name].evaluate(model, tokenizer, records, args)
         tasks[name] = metrics
         files[name] = sample_file_name(name)
         atomic_write_jsonl(out_dir / files[name], samples)
@@ -129,15 +129,8 @@ def _rows(results: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
         rows[f"ASR {name} (keyword)"] = judges.get("keyword", {}).get("asr")
         if primary and primary != "keyword" and primary in judges:
             rows[f"ASR {name} ({primary})"] = judges[primary].get("asr")
-    tasks = results.get("tasks", {})
-    if "gsm8k" in tasks:
-        rows["GSM8K acc (flexible)"] = tasks["gsm8k"].get("flexible")
-        rows["GSM8K acc (strict)"] = tasks["gsm8k"].get("strict")
-    if "openbookqa" in tasks:
-        ob = tasks["openbookqa"]
-        rows[f"OpenBookQA acc ({ob.get('mode', '?')})"] = ob.get("acc")
-        if "acc_norm" in ob:
-            rows["OpenBookQA acc_norm"] = ob.get("acc_norm")
+    for name, metrics in results.get("tasks", {}).items():
+        rows.update(task_class(name)(None).summary_rows(metrics))  # each task declares its own rows
     return rows
 
 

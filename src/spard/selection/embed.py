@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from spard.errors import DataError
+from spard.fingerprint import weights_fingerprint
 from spard.io import atomic_path
 
 if TYPE_CHECKING:
@@ -55,23 +56,8 @@ class Embedder(Protocol):
 
 
 def module_fingerprint(module: torch.nn.Module, samples: int = 64) -> str:
-    """A content hash of a module's weights: names, shapes, dtypes, a float64 sum and a strided sample each.
-
-    One reading pass over the weights and no hashing of their bytes (which would take seconds for a 1B
-    model); sums plus sampled values tell apart different checkpoints, and a fine-tuned copy, with
-    overwhelming probability.
-    """
-    digest = hashlib.sha256()
-    tensors = list(module.named_parameters()) + list(module.named_buffers())
-    for name, tensor in tensors:
-        flat = tensor.detach().reshape(-1)
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        if flat.numel() == 0 or flat.device.type == "meta":
-            continue
-        sample = flat[:: max(1, flat.numel() // samples)][:samples]
-        digest.update(repr(float(torch.sum(flat, dtype=torch.float64))).encode())
-        digest.update(sample.to("cpu", torch.float64).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """:func:`spard.fingerprint.weights_fingerprint` of every weight (kept under its old name)."""
+    return weights_fingerprint(module, samples)
 
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -1,6 +1,6 @@
 """Time and peak memory of greedy DPP MAP inference as the pool grows.
 
-Run: ``PYTHONPATH=src python bench/dpp_scaling.py`` (or after ``pip install -e .``). Add ``--quick`` for
+Run: ``PYTHONPATH=src python perf/dpp_scaling.py`` (or after ``pip install -e .``). Add ``--quick`` for
 N <= 10k only.
 
 Every case runs in a fresh subprocess (2 torch threads) on random unit features (d = 384) and uniform

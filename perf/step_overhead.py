@@ -1,15 +1,15 @@
 """Wall time per optimizer step of each defense, on the same model and the same batches, interleaved.
 
-Run: ``PYTHONPATH=src python bench/step_overhead.py [--defenses sft,spard,safegrad] [--steps 6] [--warmup 1]``
+Run: ``PYTHONPATH=src python perf/step_overhead.py [--defenses sft,spard,safegrad] [--steps 6] [--warmup 1]``
 (``--set spard:defense.safety_batch_size=2`` overrides one defense's config; ``--set key=value`` all of them).
 
 Model: the embedded SmolLM2-135M-Instruct (``load_model(ModelArgs())``), one fresh deep copy + LoRA adapter
-(``spard.train.add_lora``, same seed) per defense. Data: the fine-tuning set ``spard.train.train`` would
+(``spard.trainer.add_lora``, same seed) per defense. Data: the fine-tuning set ``spard.train.train`` would
 build (GSM8K + 10 % BeaverTails, ``train.seed=0``), tokenised with the default ``data.max_length`` (384: no GSM8K
 example is cut; ``--max-length 128`` truncates nearly all of them to 128 tokens), cut into fixed
 batches of 8; step i of every defense uses batch i. ``torch.set_num_threads(2)``.
 
-Every defense gets a real ``SpardTrainer`` (``spard.train.training_arguments``, its own optimizer and
+Every defense gets a real ``SpardTrainer`` (``spard.trainer.training_arguments``, its own optimizer and
 scheduler, ``accelerator.prepare``) and its hooks run as in ``Trainer.train`` (``prepare_data`` and
 ``setup`` once; per step ``training_step`` with the ``loss`` hook, clipping, ``before_optimizer_step``,
 ``optimizer.step()``, ``after_optimizer_step``, scheduler, ``zero_grad``). The trainers are driven one
@@ -94,7 +94,7 @@ class DrivenTrainer:
         from spard.data.attacks import attack_prompts
         from spard.data.chat import collate
         from spard.defenses import DefenseContext, get_defense
-        from spard.train import SpardTrainer, add_lora, training_arguments
+        from spard.trainer import SpardTrainer, add_lora, training_arguments
 
         self.name = name
         self.defense = get_defense(cfg.defense.name)(cfg.defense)

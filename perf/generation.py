@@ -1,6 +1,6 @@
 """Batched vs one-at-a-time greedy generation on the embedded SmolLM2-135M-Instruct (CPU, 2 threads).
 
-Run: ``PYTHONPATH=src python bench/generation.py [--prompts 32] [--max-new-tokens 64] [--batch-size 16]``.
+Run: ``PYTHONPATH=src python perf/generation.py [--prompts 32] [--max-new-tokens 64] [--batch-size 16]``.
 Prints prompts/s for both ways on the same prompts, the speed-up, and how many greedy outputs are
 identical token for token (fp32 left padding can change a near-tie argmax; the count is reported as is).
 """

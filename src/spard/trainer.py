@@ -1,17 +1,17 @@
-"""LoRA fine-tuning with a defense hook: ``setup`` → ``fit`` → result.
+"""LoRA training under a defense: :func:`add_lora` (setup) and :func:`fit`, shared by every job.
 
 One ``transformers.Trainer`` subclass (:class:`SpardTrainer`) runs every defense; defenses act through
-the hooks of :class:`spard.defenses.base.Defense`. ``train(cfg)`` is the whole fine-tuning job; ``fit`` is
-the part shared with the alignment stage.
+the hooks of :class:`spard.defenses.base.Defense`, called by :class:`DefenseHookCallback` (a
+``TrainerCallback``). The jobs that call ``fit`` (the alignment stage, the fine-tuning job) live in
+:mod:`spard.jobs`; this module never imports them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import re
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +19,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
-from spard.config import LoraArgs, RunConfig, TrainArgs, config_to_yaml
-from spard.data.attacks import attack_prompts
-from spard.data.build import build_training_set
+from spard.args import LoraArgs, TrainArgs
 from spard.data.chat import collate, tokenize_records
 from spard.data.records import Record
-from spard.defenses import Defense, DefenseContext, get_defense
+from spard.defenses.base import Defense
 from spard.errors import ConfigError
-from spard.io import append_jsonl, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from spard.io import append_jsonl, atomic_write_json, atomic_write_jsonl
+from spard.rundir import DEFENSE_STATE_FILE, FINAL_DIR, METRICS_FILE, checkpoint_step
 
 log = logging.getLogger(__name__)
-
-FINAL_DIR = "final"
-DEFENSE_STATE = "defense_state.json"
-
-
-@dataclass
-class TrainResult:
-    """What a training run leaves behind."""
-
-    run_dir: Path
-    """The run directory."""
-    adapter_dir: Path
-    """The final LoRA adapter (safetensors)."""
-    base_model: str
-    """The model the adapter applies to (the aligned model when the align stage ran)."""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    """first/last logged loss, steps, wall time, seconds per step, peak memory, dataset counts."""
 
 
 class SpardTrainer(Trainer):
@@ -55,8 +37,7 @@ class SpardTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.defense = defense
         self.resume_defense_state: dict[str, Any] | None = None
-        self.defense_setup_seconds = 0.0  # wall time of defense.setup (set at train begin)
-        self.add_callback(_DefenseCallback(self, metrics_path))
+        self.add_callback(DefenseHookCallback(self, defense, metrics_path))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -67,30 +48,38 @@ class SpardTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            atomic_write_json(ckpt / DEFENSE_STATE, self.defense.state_dict())
+            atomic_write_json(ckpt / DEFENSE_STATE_FILE, self.defense.state_dict())
 
 
-class _DefenseCallback(TrainerCallback):
-    def __init__(self, trainer: SpardTrainer, metrics_path: Path | None) -> None:
-        self.trainer, self.metrics_path = trainer, metrics_path
+class DefenseHookCallback(TrainerCallback):
+    """Calls a :class:`Defense`'s hooks from a ``transformers.Trainer``'s events; with ``metrics_path``,
+    also appends each logged row (with the defense's statistics) to ``metrics.jsonl``."""
+
+    def __init__(self, trainer: Trainer, defense: Defense, metrics_path: Path | None = None,
+                 resume_state: dict[str, Any] | None = None) -> None:
+        self.trainer, self.defense, self.metrics_path = trainer, defense, metrics_path
+        self.resume_state = resume_state
+        self.setup_seconds = 0.0
+        """Wall time of ``defense.setup`` (one-off work such as SPARD's selection), reported apart from steps."""
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
         start = time.perf_counter()
-        self.trainer.defense.setup(self.trainer)
-        self.trainer.defense_setup_seconds = time.perf_counter() - start
-        if self.trainer.resume_defense_state is not None:
-            self.trainer.defense.load_state_dict(self.trainer.resume_defense_state)
+        self.defense.setup(self.trainer)
+        self.setup_seconds = time.perf_counter() - start
+        resume_state = getattr(self.trainer, "resume_defense_state", None) or self.resume_state
+        if resume_state is not None:
+            self.defense.load_state_dict(resume_state)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
-        self.trainer.defense.before_optimizer_step(self.trainer)
+        self.defense.before_optimizer_step(self.trainer)
 
     def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
-        self.trainer.defense.after_optimizer_step(self.trainer)
+        self.defense.after_optimizer_step(self.trainer)
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
         if self.metrics_path is None or not state.is_world_process_zero or not logs or "loss" not in logs:
             return
-        row = {"step": state.global_step, "epoch": state.epoch, **logs, **self.trainer.defense.log_stats()}
+        row = {"step": state.global_step, "epoch": state.epoch, **logs, **self.defense.log_stats()}
         row = {"learning_rate" if k == "lr" else k: v for k, v in row.items()}
         append_jsonl(self.metrics_path, row)
 
@@ -145,32 +134,11 @@ def training_arguments(args: TrainArgs, run_dir: Path) -> TrainingArguments:
     )
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = [p for p in run_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop metrics rows logged after the checkpoint (they will be logged again)."""
-    import json
-
     if path.is_file():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         atomic_write_jsonl(path, [r for r in rows if r.get("step", 0) <= step])
-
-
-def prepare_run_dir(run_dir: Path, *, resume: bool) -> Path | None:
-    """Check the run directory: returns the checkpoint to resume from, if any; refuses to overwrite a run."""
-    ckpt = last_checkpoint(run_dir) if run_dir.exists() else None
-    if not resume and run_dir.exists() and (ckpt is not None or (run_dir / FINAL_DIR).exists()):
-        raise ConfigError(
-            f"train.output_dir={str(run_dir)!r} already holds a run; pass train.resume=true to continue it "
-            "or choose another output_dir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume and ckpt is None:
-        log.info("train.resume=true but %s has no checkpoint: starting from scratch", run_dir)
-    return ckpt if resume else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,9 +162,9 @@ def fit(
     if not any(any(t != -100 for t in f["labels"]) for f in features):
         raise ConfigError(f"no training example has an assistant token within max_length={max_length}")
     peft_model = add_lora(model, lora, args.seed)
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / METRICS_FILE
     if resume_from is not None:
-        _truncate_metrics(metrics_path, int(resume_from.name.split("-")[1]))
+        _truncate_metrics(metrics_path, checkpoint_step(resume_from))
     elif metrics_path.exists():
         metrics_path.unlink()
     trainer = SpardTrainer(
@@ -209,19 +177,19 @@ def fit(
         metrics_path=metrics_path,
         callbacks=callbacks,
     )
-    if resume_from is not None and (resume_from / DEFENSE_STATE).is_file():
-        import json
-
-        trainer.resume_defense_state = json.loads((resume_from / DEFENSE_STATE).read_text())
+    if resume_from is not None and (resume_from / DEFENSE_STATE_FILE).is_file():
+        trainer.resume_defense_state = json.loads((resume_from / DEFENSE_STATE_FILE).read_text())
     start = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
     # One-off defense setup (SPARD embeds and selects its safety data) is reported apart from the steps.
-    setup_seconds = trainer.defense_setup_seconds
+    setup_seconds = next(c.setup_seconds for c in trainer.callback_handler.callbacks
+                         if isinstance(c, DefenseHookCallback))
+    defense.after_train(trainer)
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(run_dir / FINAL_DIR, safe_serialization=True)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    steps_run = trainer.state.global_step - (int(resume_from.name.split("-")[1]) if resume_from else 0)
+    steps_run = trainer.state.global_step - (checkpoint_step(resume_from) if resume_from else 0)
     metrics = {
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
@@ -236,47 +204,3 @@ def fit(
         **{f"defense/{k}": v for k, v in defense.log_stats().items()},
     }
     return peft_model, metrics
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the fine-tuning job
-# ---------------------------------------------------------------------------------------------------------
-def train(cfg: RunConfig, *, callbacks: list[TrainerCallback] | None = None,
-          model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> TrainResult:
-    """Build the (poisoned) training set, apply the defense, LoRA fine-tune, save the adapter.
-
-    With ``align.enabled`` the base is the aligned model (built once and cached, see :func:`spard.align.align`).
-    ``model``/``tokenizer`` may be passed directly (tests, notebooks); then no model is loaded.
-    """
-    from spard.align import base_for_finetuning
-
-    run_dir = Path(cfg.train.output_dir)
-    if cfg.train.resume and (run_dir / "train_result.json").is_file():
-        import json
-
-        log.info("run %s already finished; nothing to resume", run_dir)  # keep its metrics, don't rewrite them
-        done = json.loads((run_dir / "train_result.json").read_text())
-        return TrainResult(run_dir, run_dir / FINAL_DIR, done["base_model"], done["metrics"])
-    resume_from = prepare_run_dir(run_dir, resume=cfg.train.resume)
-    base_args, base_name = base_for_finetuning(cfg) if model is None else (cfg.model, cfg.model.name_or_path)
-    if model is None or tokenizer is None:
-        from spard.models import load_model
-
-        model, tokenizer = load_model(base_args)
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-
-    records = build_training_set(cfg.data, cfg.attack, cfg.train.seed)
-    prompts = attack_prompts(records)
-    defense = get_defense(cfg.defense.name)(cfg.defense)
-    ctx = DefenseContext(config=cfg, tokenizer=tokenizer, run_dir=run_dir, seed=cfg.train.seed, attack_prompts=prompts)
-    records = defense.prepare_data(records, ctx)
-    atomic_write_json(run_dir / "attack_prompts.json", prompts)
-    atomic_write_jsonl(run_dir / "train_set.jsonl", [r.to_dict() for r in records])
-    log.info("training set: %d records (%d harmful) under defense %r", len(records), len(prompts), defense.name)
-
-    _, metrics = fit(model, tokenizer, records, lora=cfg.lora, args=cfg.train, max_length=cfg.data.max_length,
-                     defense=defense, run_dir=run_dir, resume_from=resume_from, callbacks=callbacks)
-    metrics["n_harmful"] = len(prompts)
-    result = TrainResult(run_dir, run_dir / FINAL_DIR, base_name, metrics)
-    atomic_write_json(run_dir / "train_result.json", {"base_model": base_name, "metrics": metrics})
-    return result

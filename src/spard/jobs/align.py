@@ -1,0 +1,112 @@
+"""The alignment stage: LoRA SFT of a base model on refusals mixed with benign data, merged into a new base.
+
+Papers on harmful fine-tuning start from "an aligned model"; the embedded SmolLM2-135M-Instruct does not
+refuse harmful requests, so ``align`` makes it do so once, and caches the merged model (keyed by the base
+model and the alignment options) so every later run starts from the same aligned weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from spard.args import AlignArgs, DefenseArgs, LoraArgs, ModelArgs, RunConfig, TrainArgs
+from spard.data.build import load_safety_pool, sample
+from spard.data.sources import load_source
+from spard.io import atomic_write_json
+from spard.models import cache_dir, load_model, model_fingerprint, save_model
+from spard.registry import build
+from spard.rundir import FINAL_DIR
+from spard.trainer import fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignResult:
+    """Where the aligned model is and how its training went."""
+
+    model_dir: Path
+    """Merged aligned model (safetensors + tokenizer): use it as ``model.name_or_path``."""
+    cached: bool
+    """True when an earlier run had already built it."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Training metrics of the alignment run (loss start/end, steps, time)."""
+
+
+def aligned_model_dir(model: ModelArgs, align: AlignArgs) -> Path:
+    """``align.output_dir``, else a cache directory keyed by the base model and the alignment options."""
+    if align.output_dir:
+        return Path(align.output_dir)
+    key = hashlib.sha256(json.dumps([model_fingerprint(model), asdict(align)], sort_keys=True).encode()).hexdigest()
+    return cache_dir() / "aligned" / key[:16]
+
+
+def alignment_records(align: AlignArgs) -> list:
+    """``n_safety`` refusals + ``n_benign`` benign instructions, shuffled, deterministic by ``align.seed``."""
+    safety = sample(load_safety_pool(align.safety_source, align.safety_path, need=align.n_safety),
+                    align.n_safety, align.seed)
+    benign = sample(load_source(align.benign_source, kind="benign"), align.n_benign, align.seed + 1)
+    return sample(safety + benign, align.n_safety + align.n_benign, align.seed + 2)
+
+
+def _cached(target: Path) -> AlignResult | None:
+    model_dir = target / "model"
+    if not (model_dir / "config.json").is_file():
+        return None
+    result_file = target / "align_result.json"
+    info = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    log.info("using the cached aligned model %s", model_dir)
+    return AlignResult(model_dir, cached=True, metrics=info.get("metrics", {}))
+
+
+def align(cfg: RunConfig, *, model=None, tokenizer=None) -> AlignResult:  # noqa: ANN001
+    """Align ``cfg.model`` (or return the cached aligned model).
+
+    Safe under concurrent first use: processes that align the same model take a file lock beside the cache
+    entry; the first trains and publishes it, the others wait and then read the published model.
+    """
+    a = cfg.align
+    target = aligned_model_dir(cfg.model, a)
+    cached = _cached(target)
+    if cached is not None:
+        return cached
+    target.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target / ".lock")):
+        cached = _cached(target)  # another process may have finished it while we waited
+        if cached is not None:
+            return cached
+        if model is None or tokenizer is None:
+            model, tokenizer = load_model(cfg.model)
+        records = alignment_records(a)
+        log.info("align: %d refusals + %d benign examples", a.n_safety, a.n_benign)
+        run_dir = target / "run"
+        if run_dir.exists():  # a crashed earlier attempt: start it over
+            shutil.rmtree(run_dir)
+        train_args = TrainArgs(output_dir=str(run_dir), epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                               seed=a.seed, save_steps=10_000, lr_scheduler="cosine", warmup_ratio=0.05)
+        lora = replace(LoraArgs(), r=a.lora_r, alpha=2 * a.lora_r, target_modules=cfg.lora.target_modules)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        peft_model, metrics = fit(model, tokenizer, records, lora=lora, args=train_args, max_length=a.max_length,
+                                  defense=build(DefenseArgs(name="sft")), run_dir=run_dir)
+        merged = peft_model.merge_and_unload()
+        merged.config.name_or_path = f"{cfg.model.name_or_path} (aligned by spard)"
+        save_model(merged, tokenizer, target / "model")
+        atomic_write_json(target / "align_result.json", {"base_model": cfg.model.name_or_path, "align": asdict(a),
+                                                         "metrics": metrics, "adapter": str(run_dir / FINAL_DIR)})
+    return AlignResult(target / "model", cached=False, metrics=metrics)
+
+
+def base_for_finetuning(cfg: RunConfig) -> tuple[ModelArgs, str]:
+    """The model fine-tuning starts from: the aligned model when ``align.enabled``, else ``cfg.model``."""
+    if not cfg.align.enabled:
+        return cfg.model, cfg.model.name_or_path
+    result = align(cfg)
+    return replace(cfg.model, name_or_path=str(result.model_dir)), str(result.model_dir)
