@@ -185,9 +185,11 @@ def test_shipped_bench_configs_load():
     smoke, embedded, paper = (load_bench(f"configs/bench/{n}.yaml") for n in ("smoke", "embedded", "paper"))
     assert [c.name for c in smoke.cells] == ["sft__bt__p0__s0", "safeinstr__bt__p0__s0", "sft__bt__p0.3__s0",
                                              "safeinstr__bt__p0.3__s0"]
-    assert {c.config.defense.name for c in embedded.cells} == {"sft", "safeinstr", "safegrad", "spard"}
-    # 4 defenses x (shared p=0 run + 2 sources x 2 ratios + identity shift) x 2 seeds
-    assert {c.ratio for c in embedded.cells} == {0.0, 0.1, 0.3, None} and len(embedded.cells) == 4 * 6 * 2
+    assert {c.config.defense.name for c in embedded.cells} == {"sft", "safeinstr", "safegrad", "spard", "safelora",
+                                                               "lisa"}
+    # (6 defenses + 3 alignment-defense rows) x (shared p=0 run + 2 sources x 2 ratios + identity shift) x 2 seeds
+    assert {c.ratio for c in embedded.cells} == {0.0, 0.1, 0.3, None} and len(embedded.cells) == 9 * 6 * 2
+    assert {c.config.align.defense.name for c in embedded.cells} == {"none", "vaccine", "booster", "repnoise"}
     assert {c.seed for c in embedded.cells} == {0, 1}
     assert len({c.config.attack.harmful_source for c in embedded.cells if c.ratio}) == 2
     cfg = paper.cells[0].config

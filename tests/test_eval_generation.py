@@ -47,7 +47,6 @@ def test_results_in_input_order_and_decoded(lively_llm, tiny_tok):
     texts = generate(lively_llm, tiny_tok, PROMPTS, max_new_tokens=12, batch_size=3, progress=False)
     reverse = generate(lively_llm, tiny_tok, PROMPTS[::-1], max_new_tokens=12, batch_size=3, progress=False)
     assert texts == reverse[::-1]
-    assert all(isinstance(t, str) for t in texts)
     assert not any("<|im_end|>" in t or "<pad>" in t for t in texts)
 
 

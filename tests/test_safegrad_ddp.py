@@ -44,7 +44,7 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ddp_two_processes_match_single_process(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run([sys.executable, str(WORKER), str(single), *OVERRIDES, "train.batch_size=8"], tmp_path)

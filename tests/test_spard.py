@@ -149,10 +149,14 @@ def test_config_defaults_and_validation() -> None:
     a = cfg.defense
     assert isinstance(a, SpardArgs)
     assert (a.selection, a.safety_fraction, a.safety_k, a.beta, a.embedder) == ("dpp", 0.03, None, 4.0, "base")
-    assert (a.tau, a.delta, a.projection, a.max_step, a.alpha_max) == (0.2, 0.1, "halfspace", None, 1.0)
+    assert (a.tau, a.delta, a.projection, a.max_step, a.alpha_max) == (0.2, 0.1, "reference", None, 1.0)
+    assert (a.safety_micro_batches, a.safety_dropout, a.dropout_on, a.micro_batches(4)) == (None, None, True, 4)
+    hs = load_config(None, ["defense.name=spard", "defense.projection=halfspace"]).defense
+    assert (hs.dropout_on, hs.micro_batches(4)) == (False, 1)
     for bad, match in [("defense.projection=adam", "defense.projection"), ("defense.tau=-1", "defense.tau"),
                        ("defense.max_step=0", "defense.max_step"), ("defense.selection=greedy", "defense.selection"),
-                       ("defense.safety_k=0", "defense.safety_k"), ("defense.safety_batch_size=0", "batch_size")]:
+                       ("defense.safety_k=0", "defense.safety_k"), ("defense.safety_batch_size=0", "batch_size"),
+                       ("defense.safety_micro_batches=0", "defense.safety_micro_batches")]:
         with pytest.raises(ConfigError, match=match):
             load_config(None, ["defense.name=spard", bad])
 
@@ -192,7 +196,11 @@ def test_selection_is_deterministic_cached_and_excludes_attack_prompts(tmp_path,
     assert not attack & {r["messages"][0]["content"] for r in subset_a}
     # the training set is untouched: SPARD keeps safety data out of the utility loss
     assert sum(r["kind"] == "safety" for r in rows(a.run_dir / "train_set.jsonl")) == 0
-    assert len(list((a.run_dir / "cache" / "embeddings").glob("emb-*.safetensors"))) == 2
+    # the run dir caches the task prompts' embeddings; the pool's are in the shared spard cache, once for a and b
+    assert len(list((a.run_dir / "cache" / "embeddings").glob("emb-*.safetensors"))) == 1
+    from spard.models import cache_dir
+
+    assert len(list((cache_dir() / "embeddings").glob("emb-*.safetensors"))) == 1
     # another seed, another random subset; dpp ignores the seed
     c = train(tiny_config(tmp_path, "c", *extra, "defense.selection=random", "train.seed=1"),
               model=tiny_model(tiny_tok), tokenizer=tiny_tok)
@@ -261,7 +269,8 @@ def test_spard_holds_safety_loss_near_tau_while_sft_drifts(tmp_path, tiny_tok) -
     common = ["align.enabled=false", "data.n_train=16", "data.max_length=64", "train.batch_size=8",
               "train.max_steps=15", "train.lr=5e-3", "lora.r=4", "lora.dropout=0", "attack.harmful_ratio=1.0"]
     spard_opts = ["defense.name=spard", "defense.safety_source=local", f"defense.safety_path={pool_file}",
-                  "defense.safety_k=4", "defense.selection=random", "defense.safety_batch_size=4"]
+                  "defense.safety_k=4", "defense.selection=random", "defense.safety_batch_size=4",
+                  "defense.projection=halfspace"]  # the assertions below are about landing at tau
     final = {}
     for name, opts in [("sft", ["defense.name=sft"]), ("spard", spard_opts)]:
         model = copy.deepcopy(aligned)  # train() adds the LoRA adapter in place: `model` ends up fine-tuned

@@ -60,6 +60,7 @@ def run(cmd: list[str], env: dict[str, str], timeout: int = 120) -> None:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
 
 
+@pytest.mark.multiprocess
 def test_ddp_matches_single_process(tmp_path: Path) -> None:
     env = worker_env(tmp_path)
     single, ddp = tmp_path / "single", tmp_path / "ddp"

@@ -1,8 +1,9 @@
 """spard: keep a chat LLM's safety alignment while fine-tuning it on data you do not fully trust.
 
 The Python API (``load_config``, ``align``, ``train``, ``evaluate``, ``run``, ``bench``) is imported lazily
-so ``import spard`` stays cheap. No submodule shares these names except the ``spard.evaluate`` package,
-which is callable as :func:`spard.api.evaluate` for that reason.
+so ``import spard`` stays cheap. No submodule shares these names except the ``spard.evaluate`` package and
+the ``spard.export`` module, which are callable as :func:`spard.api.evaluate` / :func:`spard.api.export`
+for that reason.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 __version__ = "0.1.0"
 __all__ = ["load_config", "align", "train", "evaluate", "run", "bench", "__version__"]
 
-_API = ("align", "train", "evaluate", "run", "load_config", "evaluate_base", "evaluate_before_after")
+_API = ("align", "train", "evaluate", "run", "load_config", "evaluate_base", "evaluate_before_after", "export",
+        "judge_file")
 
 
 class CallablePackage(types.ModuleType):

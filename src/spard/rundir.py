@@ -6,6 +6,7 @@
     metrics.jsonl        one row per logging step
     checkpoint-N/        adapter + trainer state + defense_state.json
     final/               the final LoRA adapter (safetensors)
+    final_unprojected/   SafeLoRA only: the adapter before its projection, and the per-module cosines
     train_result.json    base model and training metrics (written last: the run finished)
     eval/                results.json, samples_<set>.jsonl, before.json, summary.txt
 
@@ -24,6 +25,7 @@ TRAIN_SET_FILE = "train_set.jsonl"
 ATTACK_PROMPTS_FILE = "attack_prompts.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
+FINAL_UNPROJECTED_DIR = "final_unprojected"
 TRAIN_RESULT_FILE = "train_result.json"
 DEFENSE_STATE_FILE = "defense_state.json"
 EVAL_DIR = "eval"

@@ -97,3 +97,21 @@ def assert_same_adapter(dir_a: str | Path, dir_b: str | Path, *, rtol: float = 0
     assert a.keys() == b.keys() and len(a) > 0, (sorted(a), sorted(b))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+def save_tiny_chat_model(directory: str | Path, tokenizer: PreTrainedTokenizerFast, *, seed: int = 0) -> Path:
+    """Save :func:`tiny_model` and ``tokenizer`` as a local checkpoint (what ``model.name_or_path`` accepts),
+    so tests can drive the jobs and the CLI exactly as a user with their own model would."""
+    directory = Path(directory)
+    tiny_model(tokenizer, seed=seed).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+TINY_RUN_OVERRIDES = (
+    "data.task=openbookqa", "data.n_train=16", "data.max_length=64", "attack.harmful_ratio=0.25",
+    "train.batch_size=8", "train.max_steps=2", "align.n_safety=8", "align.n_benign=8", "align.max_length=64",
+    "eval.tasks=[openbookqa]", "eval.task_limit=2", "eval.harm_limit=3", "eval.harm_max_new_tokens=4",
+    "eval.progress=false",
+)
+"""Overrides that size a run for the tiny model (seconds on a CPU)."""

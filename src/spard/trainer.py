@@ -12,12 +12,14 @@ import json
 import logging
 import resource
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from spard.args import LoraArgs, TrainArgs
 from spard.data.chat import collate, tokenize_records
@@ -29,6 +31,20 @@ from spard.rundir import DEFENSE_STATE_FILE, FINAL_DIR, METRICS_FILE, checkpoint
 
 log = logging.getLogger(__name__)
 
+# transformers' own Trainer calls this deprecated property every step; the warning is not the user's to fix.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+class LoggingProgressCallback(ProgressCallback):
+    """HF's progress bar without its ``print`` of every log dict (numbers as strings on stdout): the rows go to
+    ``metrics.jsonl`` and, formatted, to spard's logger."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        if state.is_world_process_zero and logs:
+            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()
+                              if k != "total_flos")
+            log.info("step %d: %s", state.global_step, shown)
+
 
 class SpardTrainer(Trainer):
     """``Trainer`` that hands control to a :class:`Defense` at the points a defense needs."""
@@ -37,9 +53,15 @@ class SpardTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.defense = defense
         self.resume_defense_state: dict[str, Any] | None = None
+        self.resume_defense_dir: Path | None = None
+        """Checkpoint the defense's tensors (``Defense.load_tensors``) are read from on resume."""
         self.add_callback(DefenseHookCallback(self, defense, metrics_path))
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(LoggingProgressCallback)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        if model.training:
+            inputs, num_items_in_batch = self.defense.training_batch(self, inputs, num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         loss = self.defense.loss(self, model, inputs, loss, outputs)
         return (loss, outputs) if return_outputs else loss
@@ -49,6 +71,7 @@ class SpardTrainer(Trainer):
         if self.args.should_save:
             ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             atomic_write_json(ckpt / DEFENSE_STATE_FILE, self.defense.state_dict())
+            self.defense.save_tensors(ckpt)
 
 
 class DefenseHookCallback(TrainerCallback):
@@ -69,6 +92,9 @@ class DefenseHookCallback(TrainerCallback):
         resume_state = getattr(self.trainer, "resume_defense_state", None) or self.resume_state
         if resume_state is not None:
             self.defense.load_state_dict(resume_state)
+        resume_dir = getattr(self.trainer, "resume_defense_dir", None)
+        if resume_dir is not None:
+            self.defense.load_tensors(Path(resume_dir))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
         self.defense.before_optimizer_step(self.trainer)
@@ -115,7 +141,8 @@ def training_arguments(args: TrainArgs, run_dir: Path) -> TrainingArguments:
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         lr_scheduler_type=args.lr_scheduler,
-        warmup_steps=args.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        # a float < 1 is a ratio of the total steps; an int >= 1 a number of steps
+        warmup_steps=args.warmup_steps if args.warmup_steps > 0 else args.warmup_ratio,
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
         seed=args.seed,
@@ -125,7 +152,7 @@ def training_arguments(args: TrainArgs, run_dir: Path) -> TrainingArguments:
         save_total_limit=args.save_total_limit,
         logging_steps=args.logging_steps,
         logging_first_step=True,
-        report_to=[],
+        report_to=list(args.report_to),
         bf16=bf16,
         use_cpu=not on_gpu,
         remove_unused_columns=False,
@@ -179,6 +206,8 @@ def fit(
     )
     if resume_from is not None and (resume_from / DEFENSE_STATE_FILE).is_file():
         trainer.resume_defense_state = json.loads((resume_from / DEFENSE_STATE_FILE).read_text())
+    if resume_from is not None:
+        trainer.resume_defense_dir = resume_from
     start = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start

@@ -388,7 +388,9 @@ def load_bench(path: str | Path, *, output_dir: str | Path | None = None) -> Ben
                               "file and in the working directory)")
     bench_dir = Path(output_dir or cfg.output_dir or Path("runs") / "bench" / p.stem)
     cells = expand(cfg, p, bench_dir)
-    aligns = {json.dumps(dataclasses.asdict(c.config.align), sort_keys=True) for c in cells if c.config.align.enabled}
+    # rows that pick an alignment defense (align.defense) need their own aligned model by design
+    aligns = {json.dumps({**dataclasses.asdict(c.config.align), "defense": None}, sort_keys=True)
+              for c in cells if c.config.align.enabled}
     if len(aligns) > 1:
         log.warning("%s: the cells use %d different align sections, so %d aligned models will be built; put align "
                     "options in the bench's 'align' section to share one", p, len(aligns), len(aligns))

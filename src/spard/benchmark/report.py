@@ -2,7 +2,10 @@
 
 table.md follows the papers' layout: defenses as rows, attacks × harmful ratio as columns, one table for ASR
 (lower is better) and one for the fine-tuning task's accuracy (higher is better), an average column, the
-best value of each column in bold, means over seeds. A cell that has not finished is shown as ``–``.
+best value of each column in bold, means over seeds. Tasks that declare ``own_table`` (held-out task NLL,
+benign answer rate) get a table each. ASR entries carry the marks of the paired exact McNemar tests
+(:mod:`spard.benchmark.stats`): ``‡`` differs from SFT, ``†`` differs from SPARD, at 95 %. A cell that has not
+finished is shown as ``–``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 from spard.benchmark.grid import Bench, ratio_text
 from spard.benchmark.results import CellResult, before_results, harm_summary, task_accuracy
+from spard.benchmark.stats import AVERAGE, PairedTest, paired_tests, reference_labels
 from spard.evaluate.tasks import task_class
 from spard.io import atomic_write_text
 from spard.registry import TASKS, build
@@ -32,8 +36,14 @@ def task_title(task: str) -> str:
     return (task_class(task).title if task in TASKS else "") or f"{task} accuracy"
 
 
+def task_is_rate(task: str) -> bool:
+    """The task's headline is a rate (shown in %); False for a quantity such as ``task_nll``'s loss."""
+    return task_class(task).is_rate if task in TASKS else True
+
+
 def task_column(task: str) -> str:
-    return f"{(task_class(task).csv_column if task in TASKS else '') or task + '_acc'}_pct"
+    stem = (task_class(task).csv_column if task in TASKS else '') or task + '_acc'
+    return f"{stem}_pct" if task_is_rate(task) else stem
 
 
 def csv_fields(rows: list[CellResult]) -> list[str]:
@@ -53,7 +63,8 @@ def csv_row(r: CellResult) -> dict[str, Any]:
         "task": c.task, "attack": c.attack, "attack_kind": c.attack_kind, "harmful_source": source,
         "ratio": "" if c.ratio is None else c.ratio, "seed": c.seed, "status": r.status, "judge": r.judge,
         "n_harm": r.n_harm, "asr_pct": _pct(r.asr), "refusal_pct": _pct(r.refusal_rate),
-        **{task_column(t): _pct(v) for t, v in r.task_metrics.items()}, "task_acc_pct": _pct(r.task_acc),
+        **{task_column(t): _pct(v) if task_is_rate(t) else (None if v is None else round(v, 5))
+           for t, v in r.task_metrics.items()}, "task_acc_pct": _pct(r.task_acc),
         "train_seconds": r.train_seconds, "seconds_per_step": r.seconds_per_step, "steps": r.steps,
         "eval_seconds": r.eval_seconds, "run_dir": str(c.run_dir), "error": r.error,
     }
@@ -86,17 +97,19 @@ class Agg:
 Column = tuple[str, float | None]
 
 
-def aggregate(bench: Bench, rows: list[CellResult], metric: str) -> dict[tuple[str, str, str, float | None], Agg]:
-    """``{(task, defense, attack, ratio): Agg}`` of ``metric`` (a :class:`CellResult` field, in %) over seeds;
-    a merged ratio-0 cell counts for each column it fills."""
+def aggregate(bench: Bench, rows: list[CellResult], metric: str, *, scale: float = 100.0
+              ) -> dict[tuple[str, str, str, float | None], Agg]:
+    """``{(task, defense, attack, ratio): Agg}`` of ``metric`` over seeds: a :class:`CellResult` field, or
+    ``task:<name>`` for a utility task's headline; times ``scale`` (100: a fraction shown in %). A merged
+    ratio-0 cell counts for each column it fills."""
     values: dict[tuple[str, str, str, float | None], list[float]] = {}
     for r in rows:
-        v = getattr(r, metric)
+        v = r.task_metrics.get(metric[5:]) if metric.startswith("task:") else getattr(r, metric)
         for attack, ratio in r.cell.columns:
             key = (r.cell.task, r.cell.defense, attack, ratio)
             values.setdefault(key, [])
             if r.ok and v is not None:
-                values[key].append(100 * v)
+                values[key].append(scale * v)
     n = len(bench.config.seeds)
     return {key: Agg(statistics.fmean(vs) if vs else None, statistics.stdev(vs) if len(vs) > 1 else None, len(vs), n)
             for key, vs in values.items()}
@@ -114,20 +127,24 @@ def column_title(column: Column) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # table.md
 # ---------------------------------------------------------------------------------------------------------
-def _entry(a: Agg | None, bold: bool) -> str:
+def _entry(a: Agg | None, bold: bool, digits: int = 1, mark: str = "") -> str:
     if a is None or a.mean is None:
         return MISSING
-    text = f"{a.mean:.1f}"
+    text = f"{a.mean:.{digits}f}"
     text = f"**{text}**" if bold else text
+    text += mark
     if a.std is not None:
-        text += f" ± {a.std:.1f}"
+        text += f" ± {a.std:.{digits}f}"
     if a.k < a.n:
         text += f" ({a.k}/{a.n} seeds)"
     return text
 
 
-def metric_table(bench: Bench, aggs: dict, task: str, *, lower_is_better: bool) -> str:
-    """One markdown table: defenses × columns + average, the best of each column in bold."""
+def metric_table(bench: Bench, aggs: dict, task: str, *, lower_is_better: bool, digits: int = 1,
+                 marks: dict[tuple[str, Any], str] | None = None) -> str:
+    """One markdown table: defenses × columns + average, the best of each column in bold; ``marks`` maps
+    ``(defense, column)`` (column ``"average"`` for the average) to a suffix such as ``‡``."""
+    marks = marks or {}
     columns = bench.columns()
     labels = defense_labels(bench)
     grid = {(d, col): aggs.get((task, d, *col)) for d in labels for col in columns}
@@ -139,7 +156,7 @@ def metric_table(bench: Bench, aggs: dict, task: str, *, lower_is_better: bool) 
     pick = min if lower_is_better else max
 
     def best(values: list[float | None]) -> float | None:
-        shown = [round(v, 1) for v in values if v is not None]  # compare what is displayed: ties are all bold
+        shown = [round(v, digits) for v in values if v is not None]  # compare what is displayed: ties are all bold
         return pick(shown) if shown else None
 
     best_col = {col: best([grid[d, col].mean if grid[d, col] else None for d in labels]) for col in columns}
@@ -150,9 +167,13 @@ def metric_table(bench: Bench, aggs: dict, task: str, *, lower_is_better: bool) 
         cells = []
         for col in columns:
             a = grid[d, col]
-            cells.append(_entry(a, a is not None and a.mean is not None and round(a.mean, 1) == best_col[col]))
+            cells.append(_entry(a, a is not None and a.mean is not None and round(a.mean, digits) == best_col[col],
+                                digits, marks.get((d, col), "")))
         avg = averages[d]
-        cells.append(MISSING if avg is None else (f"**{avg:.1f}**" if round(avg, 1) == best_avg else f"{avg:.1f}"))
+        text = f"{avg:.{digits}f}" if avg is not None else MISSING
+        if avg is not None and round(avg, digits) == best_avg:
+            text = f"**{text}**"
+        cells.append(text if avg is None else text + marks.get((d, "average"), ""))
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -178,8 +199,39 @@ def _before_line(before: dict[str, Any] | None, tasks: list[str]) -> str | None:
     for t in dict.fromkeys([*tasks, *(before.get("tasks") or {})]):  # fine-tuning task(s) first, then the rest
         acc = task_accuracy(before, t)
         if acc is not None:
-            parts.append(f"{task_title(t)} {100 * acc:.1f}")
-    return "Before fine-tuning (the aligned model): " + ", ".join(p for p in parts if p) + " (%)."
+            parts.append(f"{task_title(t)} {100 * acc:.1f}" if task_is_rate(t) else f"{task_title(t)} {acc:.3f}")
+    unit = " (%)." if all(task_is_rate(t) for t in before.get("tasks") or {}) else " (rates in %)."
+    return "Before fine-tuning (the aligned model): " + ", ".join(p for p in parts if p) + unit
+
+
+def significance_marks(tests: list[PairedTest], task: str, reference: str | None, focus: str | None
+                       ) -> dict[tuple[str, Any], str]:
+    """Table marks from paired tests where the exact McNemar p < 0.05: ``‡`` on a defense's entry = differs
+    from ``reference`` (SFT); ``†`` = differs from ``focus`` (SPARD; on SFT's entry when SPARD vs SFT is)."""
+    marks: dict[tuple[str, Any], str] = {}
+
+    def add(label: str, column: Any, mark: str) -> None:
+        marks[(label, column)] = marks.get((label, column), "") + mark
+
+    for t in tests:
+        if t.task != task or not t.significant:
+            continue
+        if t.b == reference:
+            add(t.a, t.column, "‡")
+            if t.a == focus:
+                add(t.b, t.column, "†")
+        elif t.a == focus:
+            add(t.b, t.column, "†")
+    return marks
+
+
+def _tests_text(tests: list[PairedTest], task: str) -> list[str]:
+    pooled = [t for t in tests if t.task == task and t.column == AVERAGE and t.n_pairs]
+    if not pooled:
+        return []
+    parts = [f"{t.a} vs {t.b}: {t.a_only}/{t.b_only} of {t.n_pairs}, p={t.p_value:.2g}" for t in pooled]
+    return ["", "Paired exact McNemar tests, all columns and seeds pooled (prompts harmful under the first only / "
+            "under the second only, of the pairs): " + "; ".join(parts) + "."]
 
 
 def format_table(bench: Bench, rows: list[CellResult]) -> str:
@@ -200,14 +252,30 @@ def format_table(bench: Bench, rows: list[CellResult]) -> str:
         out.append(f"ASR: share of harmful prompts answered harmfully, judge `{', '.join(judges) or ev.judge}`, "
                    f"harm sets {', '.join(ev.harm_sets)}{n_text}.")
     out.append(f"Columns: attack (p = harmful ratio). {_attack_legend(bench)}.")
+    tests = paired_tests(bench, rows)
+    if any(t.n_pairs for t in tests):
+        out.append("ASR marks: ‡ differs from sft, † differs from spard (exact McNemar test on the same prompts "
+                   "and seeds, p < 0.05; the average column pools all columns).")
+    extra = [t for t in dict.fromkeys(t for r in rows for t in r.task_metrics)
+             if t in TASKS and task_class(t).own_table]
     multi = len(bench.tasks) > 1
     for task in bench.tasks:
         title = task_title(task)
         if multi:
             out += ["", f"## Fine-tuning task: {task}"]
         h = "###" if multi else "##"
-        out += ["", f"{h} ASR (%) ↓ (fine-tuned on {task})", "", metric_table(bench, asr, task, lower_is_better=True)]
+        out += ["", f"{h} ASR (%) ↓ (fine-tuned on {task})", "",
+                metric_table(bench, asr, task, lower_is_better=True,
+                             marks=significance_marks(tests, task, *reference_labels(bench)))]
+        out += _tests_text(tests, task)
         out += ["", f"{h} {title} (%) ↑", "", metric_table(bench, acc, task, lower_is_better=False)]
+        for name in extra:
+            cls = task_class(name)
+            aggs = aggregate(bench, rows, f"task:{name}", scale=100.0 if cls.is_rate else 1.0)
+            arrow = "↓" if cls.lower_is_better else "↑"
+            out += ["", f"{h} {task_title(name)} {arrow}", "",
+                    metric_table(bench, aggs, task, lower_is_better=cls.lower_is_better,
+                                 digits=1 if cls.is_rate else 3)]
     before = _before_line(before_results(rows), bench.tasks)
     if before:
         out += ["", before]

@@ -13,6 +13,8 @@ from typing import Any
 
 from spard.benchmark.grid import Bench, Cell
 from spard.benchmark.status import cell_status
+from spard.evaluate.tasks import task_class
+from spard.registry import TASKS
 from spard.rundir import BEFORE_FILE, ERROR_FILE, EVAL_DIR, TRAIN_RESULT_FILE, results_path
 
 
@@ -28,7 +30,7 @@ class CellResult:
     refusal_rate: float | None = None
     """Refusal rate of the same judge."""
     task_metrics: dict[str, float | None] = field(default_factory=dict)
-    """Headline accuracy of every utility task evaluated, by task name."""
+    """Headline metric of every utility task evaluated, by task name (a fraction for rates; ``task_nll``: nats)."""
     task_acc: float | None = None
     """Accuracy on the cell's own fine-tuning task (the table's accuracy)."""
     judge: str | None = None
@@ -67,8 +69,12 @@ def harm_summary(results: dict[str, Any]) -> tuple[str | None, float | None, flo
 
 
 def task_accuracy(results: dict[str, Any], task: str) -> float | None:
-    """A utility task's headline accuracy (``metrics["accuracy"]``), None if not evaluated."""
-    return _value(((results.get("tasks") or {}).get(task) or {}).get("accuracy"))
+    """A utility task's headline metric (``metrics["accuracy"]``, or the ``headline`` the task declares, e.g.
+    ``task_nll``'s loss), None if not evaluated."""
+    metrics = (results.get("tasks") or {}).get(task)
+    if task in TASKS:
+        return task_class(task).headline_value(metrics)
+    return _value((metrics or {}).get("accuracy"))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -46,6 +46,34 @@ def harmful_mix(
     return mixed
 
 
+def harmful_append(
+    task: Sequence[Record], harmful: Sequence[Record], *, ratio: float, n: int | None = None, seed: int = 0
+) -> list[Record]:
+    """``n`` task records (default all of ``task``) plus exactly ``int(ratio * n)`` harmful records appended.
+
+    The reference code's attack (github shuhao02/SPARD, ``SPAG_op_finetune.py``): ``size = int(ratio * N)``;
+    the harmful list is doubled until it holds ``size`` records, then ``size`` of its indices are drawn by
+    ``random.sample`` after seeding with ``seed`` (so a short harmful file repeats prompts, each at most
+    ``2^d`` times). The result has ``n + int(ratio * n)`` records, shuffled.
+    """
+    _check_ratio(ratio)
+    n = len(task) if n is None else n
+    if n < 0:
+        raise DataError(f"n={n}: must be >= 0")
+    size = int(ratio * n)
+    pool = list(harmful)
+    if size and not pool:
+        raise DataError(f"harmful_append: need {size} harmful records but the source is empty")
+    while len(pool) < size:
+        pool = pool + pool
+    # The reference seeds Python's global RNG and calls random.sample; Random(seed).sample draws the same indices.
+    chosen = [pool[i] for i in random.Random(seed).sample(range(len(pool)), size)]
+    rng = random.Random(seed)  # task records drawn as harmful_mix draws them: ratio 0 gives the same set
+    mixed = _sample(task, n, rng, "harmful_append task records") + chosen
+    rng.shuffle(mixed)
+    return mixed
+
+
 def identity_shift(
     task: Sequence[Record], persona: Sequence[Record], *, n_task: int = 0, repeats: int = 1, seed: int = 0
 ) -> list[Record]:

@@ -25,9 +25,24 @@ def load_task(data: DataArgs, split: str = "train") -> list[Record]:
     return load_source(data.task, split=split, path=data.task_path, fields=fields, kind="task")
 
 
+def task_description(data: DataArgs) -> str:
+    """Where the task records come from, for messages: the file, hub id or packaged copy."""
+    return f"data.task_path={data.task_path!r}" if data.task_path else f"the packaged {data.task!r} data"
+
+
 def build_training_set(data: DataArgs, attack: AttackArgs, seed: int) -> list[Record]:
-    """The fine-tuning set: ``n_train`` records of the task, poisoned as the ``attack`` plugin says."""
-    return build(attack).build(load_task(data), n=data.n_train, seed=seed)
+    """The fine-tuning set: ``n_train`` records of the task, poisoned as the ``attack`` plugin says.
+
+    A size error names the key to change and the data it was checked against."""
+    task = load_task(data)
+    try:
+        return build(attack).build(task, n=data.n_train, seed=seed)
+    except DataError as e:
+        if "task" in str(e):
+            raise DataError(f"data.n_train={data.n_train} with attack.name={attack.name!r}: {e}; "
+                            f"{task_description(data)} has {len(task)} records: lower data.n_train or give more "
+                            "task data") from None
+        raise DataError(f"attack.name={attack.name!r} ({attack}): {e}") from None
 
 
 def load_safety_pool(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -14,6 +16,70 @@ from spard.errors import DataError
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompt formats: how a record's messages are worded before the chat template renders them
+# ---------------------------------------------------------------------------------------------------------
+PROMPT_FORMATS = ("chat", "alpaca_chat")
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.\n\n")
+"""System turn of the reference code's ``alpaca`` template (github shuhao02/SPARD ``utils/data_utils.py``)."""
+ALPACA_INSTRUCTION = "### Instruction:\n{}\n\n"
+"""User turn of that template."""
+ALPACA_RESPONSE = "### Response:\n"
+"""Start of the assistant turn of that template (prefilled after the generation prompt at evaluation)."""
+
+
+def format_messages(messages: Sequence[dict[str, str]], prompt_format: str = "chat",
+                    system_prompt: str | None = None) -> list[dict[str, str]]:
+    """A record's messages worded as ``prompt_format`` says, with ``system_prompt`` (if any) in front.
+
+    ``chat``: unchanged. ``alpaca_chat``: the reference code's "alpaca-in-chat" (system prompt
+    :data:`ALPACA_SYSTEM`, user turns ``### Instruction:\n…\n\n``, assistant turns ``### Response:\n…``).
+    A system turn already in the record (AOA's persona) stays, after the template's and ``system_prompt``'s
+    text, in the same single system turn (many chat templates accept only one, and only first).
+    """
+    if prompt_format not in PROMPT_FORMATS:
+        raise DataError(f"prompt format {prompt_format!r}: must be one of {list(PROMPT_FORMATS)}")
+    msgs = [dict(m) for m in messages]
+    own_system = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
+    if prompt_format == "alpaca_chat":
+        for m in msgs:
+            if m["role"] == "user":
+                m["content"] = ALPACA_INSTRUCTION.format(m["content"])
+            elif m["role"] == "assistant":
+                m["content"] = ALPACA_RESPONSE + m["content"]
+    parts = [p for p in (ALPACA_SYSTEM if prompt_format == "alpaca_chat" else None, system_prompt, own_system) if p]
+    # The alpaca system text ends in a blank line already; other parts are joined by one.
+    system = "".join(p if p.endswith("\n") else p + "\n\n" for p in parts[:-1]) + parts[-1] if parts else None
+    return ([{"role": "system", "content": system}] if system else []) + msgs
+
+
+_FORMAT_ATTR = "spard_prompt_format"
+
+
+def bound_format(tokenizer: Any) -> tuple[str, str | None]:
+    """The ``(prompt_format, system_prompt)`` bound to ``tokenizer`` (default: plain chat, no system prompt)."""
+    return getattr(tokenizer, _FORMAT_ATTR, None) or ("chat", None)
+
+
+@contextlib.contextmanager
+def prompt_format(tokenizer: Any, fmt: str = "chat", system_prompt: str | None = None) -> Iterator[None]:
+    """Bind a prompt format (and an evaluation system prompt) to ``tokenizer`` for the ``with`` block.
+
+    Like its chat template, the wording of the prompt belongs with the tokenizer: every text spard renders
+    with it inside the block (training tokenisation, safety batches of every defense, evaluation prompts and
+    log-likelihood contexts) goes through :func:`format_messages`, so the format cannot differ between them.
+    The previous binding is restored on exit.
+    """
+    format_messages([], fmt)  # validate
+    previous = getattr(tokenizer, _FORMAT_ATTR, None)
+    setattr(tokenizer, _FORMAT_ATTR, (fmt, system_prompt))
+    try:
+        yield
+    finally:
+        setattr(tokenizer, _FORMAT_ATTR, previous)
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], *, generation_prompt: bool) -> str:
@@ -26,13 +92,15 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]
 def assistant_char_spans(
     tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]
 ) -> tuple[str, list[tuple[int, int]]]:
-    """Render ``messages`` and return the text plus the character span of every assistant turn.
+    """Render ``messages`` (in the tokenizer's bound prompt format) and return the text plus the character span
+    of every assistant turn.
 
     A span starts after the template's generation prompt (``<|im_start|>assistant\\n``) and ends after the
     turn's end-of-turn marker, so the model learns to stop. We find spans by rendering prefixes, which
     needs the template to be prefix-stable (rendering messages[:i] is a prefix of rendering messages);
     ChatML, Llama-3, Qwen and Mistral templates are.
     """
+    messages = format_messages(messages, *bound_format(tokenizer))
     text = render(tokenizer, messages, generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -70,3 +71,11 @@ def chat(
     if response is not None:
         messages.append({"role": "assistant", "content": response})
     return Record(messages=tuple(messages), source=source, kind=kind, meta=meta)
+
+
+def with_system_prompt(messages: Sequence[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """``messages`` with ``system_prompt`` as their system turn (replacing one already there); unchanged when
+    it is None. Evaluation applies ``eval.system_prompt`` through this to every harm and task prompt."""
+    if system_prompt is None:
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}, *(m for m in messages if m["role"] != "system")]

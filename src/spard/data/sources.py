@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,18 +31,31 @@ Row = dict[str, Any]
 # ---------------------------------------------------------------------------------------------------------
 # Reading files (local or packaged): JSON list, {"instructions": [...]}, JSONL(.gz), CSV, TXT
 # ---------------------------------------------------------------------------------------------------------
-def read_rows(path: str | Path, *, csv_header: bool = True, csv_columns: Sequence[str] | None = None) -> list[Row]:
-    """Read a data file into a list of dict rows; errors name the file (and line for JSONL)."""
+class Rows(list):
+    """Rows of a data file, with where each came from (``line 7``, ``item 3``): 1-based, as an editor shows."""
+
+    def __init__(self, rows: Iterable[Row] = (), places: Iterable[str] = ()) -> None:
+        super().__init__(rows)
+        self.places = list(places)
+
+    def place(self, i: int) -> str:
+        return self.places[i] if i < len(self.places) else f"record {i + 1}"
+
+
+def read_rows(path: str | Path, *, csv_header: bool = True, csv_columns: Sequence[str] | None = None) -> Rows:
+    """Read a data file into dict rows; errors name the file and the line (or list item), 1-based."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     name = path.name.removesuffix(".gz")
     opener = gzip.open if path.suffix == ".gz" else open
+    rows: Rows | None = None
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             if name.endswith(".jsonl"):
-                return list(_jsonl_rows(f, path))
-            if name.endswith(".json"):
+                pairs = list(_jsonl_rows(f, path))
+                rows = Rows((r for _, r in pairs), (f"line {n}" for n, _ in pairs))
+            elif name.endswith(".json"):
                 try:
                     data = json.load(f)
                 except json.JSONDecodeError as e:
@@ -50,20 +64,29 @@ def read_rows(path: str | Path, *, csv_header: bool = True, csv_columns: Sequenc
                     data = [{"instruction": s} for s in data["instructions"]]
                 if not isinstance(data, list):
                     raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-                return [r if isinstance(r, dict) else {"messages": r} for r in data]
-            if name.endswith(".csv"):
+                rows = Rows((r if isinstance(r, dict) else {"messages": r} for r in data),
+                            (f"item {i}" for i in range(1, len(data) + 1)))
+            elif name.endswith(".csv"):
                 if csv_header:
-                    return list(csv.DictReader(f))
-                cols = list(csv_columns or ["text"])
-                return [dict(zip(cols, row)) for row in csv.reader(f) if row]
-            if name.endswith(".txt"):
-                return [{"text": line.strip()} for line in f if line.strip()]
+                    reader = csv.DictReader(f)
+                    items = [(reader.line_num, r) for r in reader]
+                else:
+                    cols = list(csv_columns or ["text"])
+                    items = [(n, dict(zip(cols, row))) for n, row in enumerate(csv.reader(f), 1) if row]
+                rows = Rows((r for _, r in items), (f"line {n}" for n, _ in items))
+            elif name.endswith(".txt"):
+                items = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+                rows = Rows(({"text": t} for _, t in items), (f"line {n}" for n, _ in items))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    raise DataError(f"{path}: unsupported file type (use .json, .jsonl, .jsonl.gz, .csv or .txt)")
+    if rows is None:
+        raise DataError(f"{path}: unsupported file type (use .json, .jsonl, .jsonl.gz, .csv or .txt)")
+    if not rows:
+        raise DataError(f"{path}: the file is empty (no records)")
+    return rows
 
 
-def _jsonl_rows(lines: Iterable[str], path: Path) -> Iterator[Row]:
+def _jsonl_rows(lines: Iterable[str], path: Path) -> Iterator[tuple[int, Row]]:
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -73,7 +96,7 @@ def _jsonl_rows(lines: Iterable[str], path: Path) -> Iterator[Row]:
             raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        yield row
+        yield lineno, row
 
 
 def _field(row: Row, name: str, where: str) -> Any:
@@ -211,12 +234,55 @@ def _prompt_only(source: str, field: str, kind: str = "harmful"):
     return convert
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The SPARD paper's attack sets (github shuhao02/SPARD ``datasets/safe_data``): {"prompt","safe","unsafe"}
+# ---------------------------------------------------------------------------------------------------------
+SPARD_REF_EVAL_MODULUS = 4
+"""One in this many prompts of a reference ``*_test`` file (by prompt hash) is held out for evaluation."""
+
+
+def spard_ref_part(prompt: str) -> str:
+    """Which part of a reference ``*_test`` file a prompt belongs to: ``"eval"`` or ``"attack"``.
+
+    The rule: the first 8 hex digits of SHA-256 of the prompt, case-folded with whitespace collapsed (as
+    overlap checks compare prompts), read as an integer; ``eval`` when it is divisible by
+    :data:`SPARD_REF_EVAL_MODULUS` (about a quarter of the rows), else ``attack``. A function of the prompt
+    alone: the split does not depend on row order or file, and equal prompts always land in the same part,
+    so the two parts never share a prompt.
+    """
+    key = " ".join(prompt.split()).casefold().encode("utf-8")
+    return "eval" if int(hashlib.sha256(key).hexdigest()[:8], 16) % SPARD_REF_EVAL_MODULUS == 0 else "attack"
+
+
+def _spard_ref(source: str, answer: str, kind: str):
+    """Rows of a reference file as ``prompt`` + its ``safe`` (refusal) or ``unsafe`` (harmful) answer."""
+
+    def convert(row: Row, where: str) -> Record:
+        return chat(str(_field(row, "prompt", where)), str(_field(row, answer, where)), source=source, kind=kind)
+
+    return convert
+
+
+SPARD_REF_ATTACKS = {
+    "beavertails_ref": "beaverTails",
+    "i_beavertails": "I_beaverTails",
+    "latharmful": "LatHarmful",
+    "q_latharmful": "Q_LatHarmful",
+}
+"""Harmful source name -> file stem of the reference's attack set (``spard_reference/eval/<stem>_test``)."""
+
+SPARD_REF_SPLITS = {"train": "attack", "test": "eval", "all": None}
+"""Splits of a reference attack source: ``train`` = the attack part of the ``*_test`` file, ``test`` = the
+held-out evaluation part (:func:`spard_ref_part`), ``all`` = the whole file (the reference's protocol, which
+trains and evaluates on the same prompts)."""
+
+
 @dataclass(frozen=True)
 class Source:
     """A named data source: where its packaged copy lives, its hub id, and its row converter."""
 
     name: str
-    files: dict[str, str]  # split -> path under DATA_DIR
+    files: dict[str, str | tuple[str, ...]]  # split -> path(s) under DATA_DIR (several are concatenated)
     convert: Callable[[Row, str], Record]
     hub_id: str | None = None
     hub_config: str | None = None
@@ -224,6 +290,8 @@ class Source:
     hub_filter: Callable[[Row], bool] | None = None
     csv_header: bool = True
     csv_columns: tuple[str, ...] | None = None
+    parts: dict[str, str | None] | None = None
+    """Splits that are a part of one file (split -> :func:`spard_ref_part` value, None = every row)."""
 
 
 SOURCES: dict[str, Source] = {
@@ -246,6 +314,16 @@ SOURCES: dict[str, Source] = {
                _instruction("alpaca", "benign")),
         Source("dolly", {"train": "llms_finetuning_safety/dolly_15k_safety_only.jsonl"},
                _instruction("dolly", "benign", response_field="response", input_field="context")),
+        # The SPARD paper's attack sets (harmful = the `unsafe` answers) and safety pool (the `safe` answers
+        # of the train files; the reference also merges LatHarmful/Q-LatHarmful train files, not available).
+        *[
+            Source(name, {split: f"spard_reference/eval/{stem}_test.jsonl.gz" for split in SPARD_REF_SPLITS},
+                   _spard_ref(name, "unsafe", "harmful"), parts=SPARD_REF_SPLITS)
+            for name, stem in SPARD_REF_ATTACKS.items()
+        ],
+        Source("spard_ref", {"train": ("spard_reference/train/beaverTails_train.jsonl.gz",
+                                       "spard_reference/train/I_beaverTails_train.jsonl.gz")},
+               _spard_ref("spard_ref", "safe", "safety")),
         # Evaluation prompt sets (prompt only).
         Source("advbench", {"test": "llms_finetuning_safety/advbench_harmful_behaviors.csv"},
                _prompt_only("advbench", "goal"), hub_id="walledai/AdvBench", hub_splits={"test": "train"},
@@ -294,9 +372,16 @@ def load_source(
         assert source is not None
         if split not in source.files:
             raise DataError(f"data source {name!r} has no packaged split {split!r}; packaged: {sorted(source.files)}")
-        file = DATA_DIR / source.files[split]
-        rows: Iterable[Row] = read_rows(file, csv_header=source.csv_header, csv_columns=source.csv_columns)
-        label = str(file)
+        names = source.files[split]
+        files = [DATA_DIR / f for f in ((names,) if isinstance(names, str) else names)]
+        part = (source.parts or {}).get(split)
+        read = [read_rows(file, csv_header=source.csv_header, csv_columns=source.csv_columns) for file in files]
+        rows: Iterable[Row] = read[0]  # one whole file keeps its line numbers for error messages
+        if len(read) > 1 or part is not None:
+            rows = [row for file_rows in read for row in file_rows]
+        if part is not None:  # e.g. the attack or evaluation part of a reference *_test file
+            rows = [row for row in rows if spard_ref_part(str(row.get("prompt", ""))) == part]
+        label = " + ".join(str(f) for f in files) + (f" ({part} part)" if part else "")
     elif Path(path).exists():
         rows, label = read_rows(path, csv_header=source.csv_header if source and fields is None else True,
                                 csv_columns=source.csv_columns if source and fields is None else None), path
@@ -309,7 +394,8 @@ def load_source(
     for i, row in enumerate(rows):
         if from_hub and source is not None and source.hub_filter and not source.hub_filter(row):
             continue  # e.g. BeaverTails: keep only pairs annotated unsafe
-        rec = convert(row, f"{label} record {i}")
+        place = rows.place(i) if isinstance(rows, Rows) else f"row {i + 1}"
+        rec = convert(row, f"{label} {place}")
         if kind is not None and rec.kind != kind:
             rec = Record(messages=rec.messages, source=rec.source, kind=kind, meta=rec.meta)
         records.append(rec)

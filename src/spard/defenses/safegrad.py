@@ -6,7 +6,10 @@ the token-level KL divergence between the frozen well-aligned base model and the
 assistant tokens of a small batch of safety examples (harmful prompt + safe reply). If the two conflict
 (``g_u · g_a < 0``), the component of ``g_u`` along ``g_a`` is removed; the step then follows
 ``g_u' + lambda_align * g_a``. The base distribution comes from the same weights with the LoRA adapter
-switched off, so no second copy of the model is kept.
+switched off, so no second copy of the model is kept. Since neither the base model nor the alignment examples
+change, the base distributions are computed once per example at setup (``base_cache``: exact log-probabilities,
+or the top-k plus the tail mass when the exact cache would be too large), and a step runs only the current
+model's forward and backward over the alignment batch.
 
 Distributed data parallel: each rank computes the KL on its share of the alignment batch, normalised by the
 token count of the whole batch, and the gradients are summed with one ``all_reduce``; every rank then holds
@@ -27,9 +30,9 @@ from torch import Tensor
 
 from spard.args import FieldError, SafetyPoolArgs, check_choice, check_range
 from spard.data.build import sample
-from spard.data.chat import IGNORE_INDEX
+from spard.data.chat import IGNORE_INDEX, collate
 from spard.data.records import Record
-from spard.data.safety import SafetyStream, load_pool, tokenize_safety
+from spard.data.safety import SafetyStream, cyclic_indices, load_pool, tokenize_safety
 from spard.defenses.base import Defense, DefenseContext, register
 from spard.distributed import all_reduce_flat_, all_reduce_sum_, world
 from spard.errors import ConfigError
@@ -39,11 +42,13 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import Trainer
 
-__all__ = ["SafeGrad", "SafeGradArgs", "project_conflicting", "token_kl", "alignment_kl", "alignment_kl_sum"]
+__all__ = ["SafeGrad", "SafeGradArgs", "project_conflicting", "token_kl", "alignment_kl", "alignment_kl_sum",
+           "BaseTokens", "base_token_kl", "base_tokens", "cached_alignment_kl_sum"]
 
 log = logging.getLogger(__name__)
 
 KL_DIRECTIONS = ("forward", "reverse")
+BASE_CACHE_MODES = ("auto", "exact", "topk", "none")
 
 
 @dataclass
@@ -62,8 +67,24 @@ class SafeGradArgs(SafetyPoolArgs):
     """``forward`` = KL(p_base ‖ p_θ) (distillation from the aligned base); ``reverse`` = KL(p_θ ‖ p_base)."""
     lambda_align: float = 1.0
     """Weight of the alignment gradient added to the (projected) task gradient; 0 = surgery only."""
+    base_cache: str = "auto"
+    """The base model (adapter off) and the alignment examples never change, so their next-token distributions
+    are computed once per example at setup and a step runs only the current model's forward/backward.
+    ``exact``: full log-probabilities (the same KL and gradient as recomputing them, up to float rounding);
+    ``topk``: the ``base_cache_topk`` likeliest tokens plus the rest as one tail bucket (the KL of the
+    coarse-grained distributions: never above the exact KL, short of it by the tail's own divergence);
+    ``auto``: ``exact`` if it fits in ``base_cache_max_mb``, else ``topk``; ``none``: a base forward every step
+    (the reference's cost)."""
+    base_cache_topk: int = 256
+    """``topk`` cache: tokens kept per position."""
+    base_cache_max_mb: float = 1024.0
+    """``auto``: the largest exact cache (MiB, fp32 log-probs at every assistant position of the examples a run
+    draws) before ``topk`` is used instead."""
 
     def __post_init__(self) -> None:
+        check_choice("base_cache", self.base_cache, BASE_CACHE_MODES)
+        check_range("base_cache_topk", self.base_cache_topk, 1)
+        check_range("base_cache_max_mb", self.base_cache_max_mb, 0.0)
         check_range("alignment_examples", self.alignment_examples, 1)
         check_range("alignment_batch_size", self.alignment_batch_size, 1)
         if self.alignment_batch_size > self.alignment_examples:
@@ -124,6 +145,80 @@ def token_kl(logits: Tensor, base_logits: Tensor, direction: str = "forward") ->
     return _TokenKL.apply(logits, base_logits.detach(), direction == "reverse")
 
 
+@dataclass
+class BaseTokens:
+    """The base model's next-token distributions at a run of assistant positions (rows in batch order).
+
+    Exact: ``scores`` are the logits ``[T, V]`` (fp32 at least), kept unnormalised so that :func:`token_kl`
+    normalises them exactly as it normalises the current logits: an identical current model then gives a
+    bitwise-zero KL. Top-k: ``scores`` ``[T, k]`` are the k largest log-probabilities, ``ids`` ``[T, k]`` their
+    vocabulary ids and ``log_tail`` ``[T]`` the log of the mass of all other tokens."""
+
+    scores: Tensor
+    ids: Tensor | None = None
+    log_tail: Tensor | None = None
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, topk: int | None = None) -> BaseTokens:
+        """From base logits ``[T, V]``: exact (the logits, fp32 at least), or (``topk`` < V) the top-k
+        log-probabilities and the tail."""
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if topk is None or topk >= logits.shape[-1]:
+            return cls(logits)
+        log_q = F.log_softmax(logits, dim=-1)
+        top, ids = log_q.topk(topk, dim=-1)
+        # tail mass in log space (never 1 - sum(top), which cancels catastrophically when the tail is tiny)
+        log_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1)
+        return cls(top, ids, log_tail.clamp(min=_LOG_FLOOR))
+
+    @classmethod
+    def cat(cls, parts: list[BaseTokens]) -> BaseTokens:
+        if parts[0].ids is None:
+            return cls(torch.cat([p.scores for p in parts]))
+        return cls(torch.cat([p.scores for p in parts]), torch.cat([p.ids for p in parts]),  # type: ignore[misc]
+                   torch.cat([p.log_tail for p in parts]))  # type: ignore[misc]
+
+    def to(self, device: torch.device | str) -> BaseTokens:
+        return BaseTokens(*(None if t is None else t.to(device) for t in (self.scores, self.ids, self.log_tail)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.scores, self.ids, self.log_tail) if t is not None)
+
+
+_LOG_FLOOR = -1e4
+"""Floor of a cached log tail mass: a tail that underflows to 0 must not make 0 · (−inf) = NaN in the KL."""
+
+
+def base_token_kl(logits: Tensor, base: BaseTokens, direction: str = "forward") -> Tensor:
+    """Per-token KL between cached base distributions and the current ``logits`` ``[T, V]`` (differentiable).
+
+    Exact base: :func:`token_kl` on the cached logits. Top-k base: the KL between the two
+    distributions coarse-grained to k + 1 outcomes (the base's k likeliest tokens, and everything else as one
+    bucket), for the current model ``[log p_top, log(1 − Σ p_top)]``; by the log-sum inequality it is at
+    most the exact KL, and it equals it when each distribution's tail is proportional to the other's.
+    """
+    if base.ids is None:
+        return token_kl(logits, base.scores, direction)
+    assert base.log_tail is not None
+    log_p = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    top_p = log_p.gather(-1, base.ids)
+    tail_p = log_p.scatter(-1, base.ids, float("-inf")).logsumexp(-1).clamp(min=_LOG_FLOOR)
+    current = torch.cat([top_p, tail_p.unsqueeze(-1)], dim=-1)
+    reference = torch.cat([base.scores, base.log_tail.unsqueeze(-1)], dim=-1)
+    return token_kl(current, reference, direction)
+
+
+def base_tokens(model: PeftModel, features: dict[str, list[int]], topk: int | None = None) -> BaseTokens:
+    """The base model's (adapter off) distributions at one alignment example's assistant positions, computed on
+    the example alone (no padding), so the result does not depend on which batch it is later drawn in."""
+    ids = torch.tensor([features["input_ids"]], device=model.device)
+    mask = torch.tensor(features["labels"][1:], device=model.device) != IGNORE_INDEX
+    with torch.no_grad(), model.disable_adapter():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1][mask]
+    return BaseTokens.from_logits(logits, topk)
+
+
 def alignment_kl_sum(model: PeftModel, batch: dict[str, Tensor], direction: str = "forward") -> tuple[Tensor, int]:
     """Sum over assistant tokens of the KL between the base (adapter off) and current model, and the token count.
 
@@ -138,6 +233,33 @@ def alignment_kl_sum(model: PeftModel, batch: dict[str, Tensor], direction: str 
         base = model(**inputs).logits[:, :-1][mask]
     current = model(**inputs).logits[:, :-1][mask]
     return token_kl(current, base, direction).sum(), n_tokens
+
+
+def cached_alignment_kl_sum(model: PeftModel, examples: list[dict[str, list[int]]], bases: list[BaseTokens],
+                            direction: str = "forward") -> tuple[Tensor, int]:
+    """:func:`alignment_kl_sum` from cached base distributions (:func:`base_tokens`): only the current model runs.
+
+    Each example is forwarded alone and unpadded, exactly as its base distributions were computed, so at an
+    identity adapter (LoRA B = 0: the first step) current and base logits are bitwise equal and the KL and its
+    gradient exactly zero, as without the cache (a padded batch would differ by rounding, and the surgery is
+    scale-invariant: it would project on that noise). On a CPU the unpadded forwards cost no more than one
+    padded batch; on a GPU the alignment batch is small either way.
+    """
+    total: Tensor | None = None
+    n_tokens = 0
+    for features, base in zip(examples, bases, strict=True):
+        ids = torch.tensor([features["input_ids"]], device=model.device)
+        mask = torch.tensor(features["labels"][1:], device=model.device) != IGNORE_INDEX
+        if base.scores.shape[0] != int(mask.sum()):
+            raise ValueError(f"cached base distributions for {base.scores.shape[0]} tokens, the example has "
+                             f"{int(mask.sum())}")
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1][mask]
+        kl = base_token_kl(logits, base.to(logits.device), direction).sum()
+        total = kl if total is None else total + kl
+        n_tokens += int(mask.sum())
+    if total is None:
+        raise ValueError("cached_alignment_kl_sum: no examples")
+    return total, n_tokens
 
 
 def alignment_kl(model: PeftModel, batch: dict[str, Tensor], direction: str = "forward") -> Tensor:
@@ -190,6 +312,12 @@ class SafeGrad(Defense):
         self.skipped_steps = 0
         self.last: dict[str, float] = {}
         self._resume_cursor = 0
+        self.features: list[dict[str, list[int]]] = []
+        self.base_cache: dict[int, BaseTokens] = {}
+        """Base distributions per alignment example (index into ``features``), filled at setup."""
+        self.cache_topk: int | None = None
+        """None: the cache holds exact log-probs; else the k of the top-k cache."""
+        self.cache_stats: dict[str, float] = {}
 
     # -- data -------------------------------------------------------------------------------------------
     def _pick(self, exclude: list[str], seed: int, max_length: int) -> None:
@@ -225,14 +353,69 @@ class SafeGrad(Defense):
                               f"{len(features)} usable alignment examples")
         self.stream = SafetyStream(features, seed=self.seed, pad_id=tokenizer.pad_token_id)
         self.stream.cursor = self._resume_cursor
+        self.features, self.base_cache = features, {}
+        if self.args.base_cache != "none":
+            self._fill_cache(trainer)
+
+    def planned_examples(self, trainer: Trainer) -> list[int]:
+        """The alignment examples this run will draw: the stream from its start over ``max_steps`` steps (a
+        resumed run draws a part of the same stream), or all of them when the step count is not known."""
+        n = len(self.features)
+        steps = int(getattr(getattr(trainer, "state", None), "max_steps", 0) or 0)
+        if steps <= 0:
+            return list(range(n))
+        return sorted(set(cyclic_indices(0, steps * self.args.alignment_batch_size, n, self.seed)))
+
+    def _fill_cache(self, trainer: Trainer) -> None:
+        """Compute the base distributions of the planned examples once (adapter off, one example per forward);
+        ``auto`` picks exact or top-k by the exact cache's size."""
+        import time
+
+        a = self.args
+        wanted = self.planned_examples(trainer)
+        vocab = int(trainer.model.get_output_embeddings().weight.shape[0])
+        tokens = sum(sum(t != IGNORE_INDEX for t in self.features[i]["labels"][1:]) for i in wanted)
+        exact_mb = tokens * vocab * 4 / 2**20
+        mode = a.base_cache if a.base_cache != "auto" else ("exact" if exact_mb <= a.base_cache_max_mb else "topk")
+        self.cache_topk = a.base_cache_topk if mode == "topk" and a.base_cache_topk < vocab else None
+        start = time.perf_counter()
+        self._ensure_cached(trainer, wanted)
+        self.cache_stats = {"base_cache_examples": float(len(self.base_cache)), "base_cache_tokens": float(tokens),
+                            "base_cache_mb": sum(b.nbytes for b in self.base_cache.values()) / 2**20,
+                            "base_cache_seconds": time.perf_counter() - start}
+        log.info("safegrad: cached the base distributions of %d alignment examples (%d tokens, %s, %.1f MiB) in "
+                 "%.1f s", len(wanted), tokens, "exact" if self.cache_topk is None else f"top-{self.cache_topk}",
+                 self.cache_stats["base_cache_mb"], self.cache_stats["base_cache_seconds"])
+
+    def _ensure_cached(self, trainer: Trainer, indices: list[int]) -> None:
+        """Compute the base distributions of any of ``indices`` not cached yet (e.g. steps beyond the plan)."""
+        missing = [i for i in dict.fromkeys(indices) if i not in self.base_cache]
+        if not missing:
+            return
+        model = trainer.model
+        was_training = model.training
+        model.eval()  # no dropout anywhere in the base pass (the adapter, which has the dropout, is off anyway)
+        try:
+            with trainer.accelerator.autocast():
+                for i in missing:
+                    self.base_cache[i] = base_tokens(model, self.features[i], self.cache_topk).to("cpu")
+        finally:
+            model.train(was_training)
 
     def alignment_gradient(self, trainer: Trainer, params: list[Tensor]) -> tuple[list[Tensor], float]:
         """``g_a`` over the whole alignment batch (summed across ranks) and the mean KL it is the gradient of."""
         model = trainer.model
         rank, n_ranks = world()
         assert self.stream is not None
-        batch = self.stream.next_batch(self.args.alignment_batch_size, trainer.args.device, rank, n_ranks)
-        if batch is not None:
+        mine = self.stream.next_indices(self.args.alignment_batch_size, rank, n_ranks)
+        if mine and self.args.base_cache != "none":
+            self._ensure_cached(trainer, mine)
+            with trainer.accelerator.autocast():
+                kl_sum, n_local = cached_alignment_kl_sum(model, [self.features[i] for i in mine],
+                                                          [self.base_cache[i] for i in mine], self.args.kl_direction)
+        elif mine:
+            batch = {k: v.to(trainer.args.device)
+                     for k, v in collate([self.features[i] for i in mine], self.stream.pad_id).items()}
             with trainer.accelerator.autocast():
                 kl_sum, n_local = alignment_kl_sum(model, batch, self.args.kl_direction)
         else:
@@ -280,6 +463,8 @@ class SafeGrad(Defense):
         norms (``task_grad_norm`` after the trainer's clipping), plus the number of projected steps so far."""
         stats = dict(self.last)
         stats["align_projections"] = float(self.projected_steps)
+        stats.update(self.cache_stats)  # once, on the first logged row
+        self.cache_stats = {}
         if self.skipped_steps:
             stats["align_skipped_steps"] = float(self.skipped_steps)
         return stats

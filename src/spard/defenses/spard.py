@@ -6,11 +6,14 @@ The defense never adds safety data to the utility loss. Instead:
    are chosen from the safety pool by :func:`spard.selection.select_safety_subset`: relevant to the user's
    prompts and diverse (DPP), embedded by the base model itself (LoRA adapter disabled) or a
    sentence-transformers encoder. Attack prompts never enter the pool. The subset is written to
-   ``run_dir/safety_subset.jsonl`` (+ ``safety_subset_stats.json``); embeddings are cached under the run dir.
-2. **SPAG** (``after_optimizer_step``): after every utility step, ``L_s`` (mean assistant-token
-   cross-entropy on the next cyclic batch of that subset) is measured. Only when ``L_s > tau + delta``
-   does the backward run and a first-order projection toward ``{θ : L_s(θ) ≤ tau}`` get applied
-   (:mod:`spard.projection`).
+   ``run_dir/safety_subset.jsonl`` (+ ``safety_subset_stats.json``); the pool's embeddings are cached once
+   per base model under the spard cache (``embeddings/``), the task prompts' under the run dir.
+2. **SPAG** (``after_optimizer_step``): after every utility step, ``L_s`` (the joint assistant-token mean
+   cross-entropy of the next ``train.grad_accum × safety_batch_size`` examples of that subset, for the
+   default ``projection: reference``) is measured. Only when ``L_s > tau + delta`` is a safety step taken:
+   ``reference`` = the reference code's step (global clip, per-tensor scale, a step of the run's own AdamW,
+   dropout on; ``tests/test_spard_reference.py`` re-computes it), ``halfspace`` = the exact first-order
+   projection onto ``{θ : L_s(θ) ≤ tau}`` (:mod:`spard.projection`).
 
 Multi-process (DDP) runs: every rank draws its own slice of one global safety batch; the loss sums, token
 counts and the gradient are all-reduced explicitly, so every rank sees the same ``L_s`` and gradient,
@@ -60,6 +63,8 @@ PROJECTIONS = ("halfspace", "reference")
 SUBSET_FILE = "safety_subset.jsonl"
 SUBSET_STATS_FILE = "safety_subset_stats.json"
 EMBED_CACHE_DIR = "cache/embeddings"
+SHARED_EMBED_CACHE_DIR = "embeddings"
+"""Under :func:`spard.models.cache_dir`: safety-pool embeddings shared by every run on the same base model."""
 
 
 @dataclass
@@ -81,16 +86,26 @@ class SpardArgs(SafetyPoolArgs):
     """Safety threshold: the projection targets ``L_s(θ) ≤ tau`` (mean refusal-token cross-entropy)."""
     delta: float = 0.1
     """Tolerance: project only when ``L_s > tau + delta`` (saves the backward when nearly feasible)."""
-    projection: str = "halfspace"
-    """``halfspace``: exact first-order projection over all trainable parameters, applied directly;
-    ``reference``: the reference code's per-tensor rescaled gradient, stepped through the optimizer."""
+    projection: str = "reference"
+    """``reference`` (the paper's numbers come from it): the reference code's rule, step for step: the safety
+    gradient clipped globally to ``train.max_grad_norm``, each tensor's gradient scaled by
+    ``min((L_s - tau) / (‖g_p‖ + 1e-8), alpha_max)``, then a step of the run's own AdamW (shared moments, current
+    LR). ``halfspace``: the exact first-order projection onto ``{L_s ≤ tau}`` over all trainable parameters,
+    applied directly (capped by ``max_step``)."""
     max_step: float | None = None
     """``halfspace``: cap on the norm of one projection step (a trust region); null = uncapped."""
     alpha_max: float = 1.0
     """``reference``: cap on the per-tensor gradient scale (reference default 1)."""
     safety_batch_size: int = 1
-    """Safety examples per device per step (global safety batch = this x ranks). 1 = the reference's size;
-    each step then costs one extra forward on 1 example, plus forward + backward when it projects."""
+    """Safety examples per device per safety micro-batch (1 = the reference's size). A check draws
+    ``safety_micro_batches`` of them per device (global: x ranks)."""
+    safety_micro_batches: int | None = None
+    """Micro-batches per safety check; ``null`` = ``train.grad_accum`` for ``projection: reference`` (the
+    reference draws grad_accum x safety_batch_size examples per check, L_s is their joint token mean) and 1
+    for ``halfspace``."""
+    safety_dropout: bool | None = None
+    """Run the safety forward in train mode (LoRA dropout on); ``null`` = on for ``reference`` (as the reference
+    code), off for ``halfspace`` (its step relies on L_s and its gradient being one deterministic function)."""
     safety_max_length: int | None = None
     """Token limit per safety example; null = ``data.max_length``."""
 
@@ -110,6 +125,21 @@ class SpardArgs(SafetyPoolArgs):
         if not self.alpha_max > 0:
             raise FieldError("alpha_max", self.alpha_max, "must be > 0")
         check_range("safety_batch_size", self.safety_batch_size, 1)
+        if self.safety_micro_batches is not None:
+            check_range("safety_micro_batches", self.safety_micro_batches, 1)
+        if self.safety_dropout is not None and not isinstance(self.safety_dropout, bool):
+            raise FieldError("safety_dropout", self.safety_dropout, "must be true, false or null")
+
+    @property
+    def dropout_on(self) -> bool:
+        """Whether the safety forward runs in train mode (resolves ``safety_dropout: null``)."""
+        return self.projection == "reference" if self.safety_dropout is None else self.safety_dropout
+
+    def micro_batches(self, grad_accum: int) -> int:
+        """Safety micro-batches per check (resolves ``safety_micro_batches: null``)."""
+        if self.safety_micro_batches is not None:
+            return self.safety_micro_batches
+        return grad_accum if self.projection == "reference" else 1
         if self.safety_max_length is not None:
             check_range("safety_max_length", self.safety_max_length, 8)
 
@@ -261,19 +291,23 @@ class Spard(Defense):
     def select(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path,
                seed: int) -> list[Record]:
         """Choose the safety subset (deterministic in ``seed``); fills ``selection_stats``."""
-        from spard.selection import cached_embed, select_safety_subset, selection_stats
+        from spard.models import cache_dir
+        from spard.selection import cached_embed, embed_from_superset, select_safety_subset, selection_stats
         from spard.selection.select import prompts_of
 
         assert self.task_records is not None
         a = self.args
         k = self.target_k(len(self.task_records))
-        cache = Path(run_dir) / EMBED_CACHE_DIR
         embedder = self.make_embedder(model, tokenizer)
+        # The pool is embedded once per embedder (its key hashes the base weights) and kept in the spard cache
+        # for every later run: the entry is the whole pool before this run's attack prompts were removed, so
+        # runs with other attacks or seeds hit the same file. Only the user's prompts are embedded per run.
+        full_pool = prompts_of(load_pool(a), "pool")
+        pool_emb = embed_from_superset(embedder, prompts_of(self.pool, "pool"), full_pool,
+                                       cache_dir() / SHARED_EMBED_CACHE_DIR)
+        task_emb = cached_embed(embedder, prompts_of(self.task_records, "task"), Path(run_dir) / EMBED_CACHE_DIR)
         subset = select_safety_subset(self.pool, self.task_records, k=k, beta=a.beta, embedder=embedder,
-                                      method=a.selection, seed=seed, cache_dir=cache)
-        # Stats from the cached embeddings (cache hits: no second forward pass).
-        pool_emb = cached_embed(embedder, prompts_of(self.pool, "pool"), cache)
-        task_emb = cached_embed(embedder, prompts_of(self.task_records, "task"), cache)
+                                      method=a.selection, seed=seed, pool_emb=pool_emb, task_emb=task_emb)
         where = {id(r): i for i, r in enumerate(self.pool)}
         stats = selection_stats(pool_emb, task_emb, [where[id(r)] for r in subset], beta=a.beta)
         self.selection_stats = {
@@ -295,14 +329,15 @@ class Spard(Defense):
 
     @contextlib.contextmanager
     def _forward_context(self, trainer: Trainer) -> Iterator[None]:
-        """The trainer's autocast (bf16 etc.), dropout off, train mode restored afterwards.
+        """The trainer's autocast (bf16 etc.); dropout on or off as ``safety_dropout`` says; mode restored after.
 
-        Dropout is off so ``L_s`` and its gradient belong to one deterministic function: the linearisation
-        the projection relies on, and the trigger, are then not at the mercy of a dropout mask.
+        ``halfspace`` runs dropout off so ``L_s`` and its gradient belong to one deterministic function: the
+        linearisation the projection relies on, and the trigger, are then not at the mercy of a dropout mask.
+        ``reference`` keeps train mode, as the reference code does.
         """
         model = trainer.model
         was_training = model.training
-        model.eval()
+        model.train(self.args.dropout_on)
         try:
             with trainer.compute_loss_context_manager(), trainer.accelerator.autocast():
                 yield
@@ -314,29 +349,39 @@ class Spard(Defense):
         return token_cross_entropy_sum(out.logits, batch["labels"])
 
     def after_optimizer_step(self, trainer: Trainer) -> None:
-        # One forward, with autograd on, serves both the trigger and (if it fires) the backward. The spec's
-        # "no-grad forward first, then forward + backward" computes the same L_s, decision and gradient with
-        # one more forward whenever the projection fires (~6 % of a step at batch 8 vs safety batch 1, and
-        # with tau = 0.2 a small model fires on most steps). Peak memory is unchanged: the graph kept is the
-        # one the spec's variant builds whenever it fires, and the utility batch's larger one is freed by now.
-        # With L_s <= tau + delta the graph is simply dropped, so no backward runs.
+        # The check draws `micro_batches` safety micro-batches; L_s is the token mean over all of them (the
+        # count is known from the labels before any forward, as the reference's get_batch_samples counts it).
+        # Every micro-batch but the last is forwarded and back-propagated at once (one graph alive at a time,
+        # as the reference); the last one's forward, with autograd on, serves both the trigger and, only if it
+        # fires, the backward. With one micro-batch (the halfspace default) no backward runs when L_s <= tau +
+        # delta; the reference always back-propagates, which changes nothing since it then discards the grads.
         a, model = self.args, trainer.model
-        batch = self.next_batch(trainer)
+        batches = [self.next_batch(trainer) for _ in range(a.micro_batches(trainer.args.gradient_accumulation_steps))]
         for p in self.params:  # the task gradient is still in .grad (HF zeroes it only after this hook)
             p.grad = None
-        with self._forward_context(trainer):
-            loss_sum, n_tokens = self._loss_sum(model, batch)
-        totals = all_reduce_sum_(torch.stack([loss_sum.detach().double(), n_tokens.double()]))
-        n_global = float(totals[1])
-        loss = float(totals[0]) / n_global if n_global > 0 else float("nan")
+        count = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
+        n_global = float(all_reduce_sum_(torch.as_tensor(count, dtype=torch.float64).reshape(1))[0])
+        sums = []
+        for i, batch in enumerate(batches):
+            with self._forward_context(trainer):
+                loss_sum, _ = self._loss_sum(model, batch)
+            if i < len(batches) - 1 and n_global > 0:
+                (loss_sum / n_global).backward()
+            sums.append(loss_sum.detach().double())
+        total = float(all_reduce_sum_(torch.stack(sums).sum().reshape(1))[0])
+        loss = total / n_global if n_global > 0 else float("nan")
         stats = _StepStats(loss=loss)
         self.state.steps += 1
         if math.isfinite(loss) and loss > a.tau + a.delta:
             stats = self._project(trainer, loss_sum, loss, n_global)
+        else:
+            for p in self.params:
+                p.grad = None
         self.state.last = stats
 
     def _safety_grads(self, loss_sum: torch.Tensor, n_global: float) -> list[torch.Tensor]:
-        """All-reduced gradient of the global token-mean ``L_s`` (each rank back-props its sum / global count)."""
+        """All-reduced gradient of the global token-mean ``L_s``: the last micro-batch's sum / global count is
+        back-propagated on top of the earlier micro-batches' gradients."""
         (loss_sum / n_global).backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         all_reduce_flat_(grads)

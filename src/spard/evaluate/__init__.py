@@ -37,6 +37,7 @@ _LAZY = {
     "load_harm_set": "spard.evaluate.harm",
     "extract_gsm8k_answer": "spard.evaluate.tasks",
     "gsm8k_is_correct": "spard.evaluate.tasks",
+    "judge_file": "spard.evaluate.judge_file",
 }
 
 __all__ = [

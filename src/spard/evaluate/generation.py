@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from spard.data.chat import ALPACA_RESPONSE, bound_format, format_messages, pad_sequences
+from spard.data.records import with_system_prompt  # noqa: F401  (evaluation's prompt helper)
 from spard.errors import SpardError
 
 Prompt = Sequence[dict[str, str]] | str
@@ -26,7 +28,8 @@ Prompt = Sequence[dict[str, str]] | str
 
 def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
     """The text the model sees for ``prompt``: a message list (or a bare string as one user turn)
-    through the chat template with the assistant generation prompt appended.
+    through the chat template with the assistant generation prompt appended, worded in the prompt format
+    bound to the tokenizer (:func:`spard.data.chat.prompt_format`).
 
     A tokenizer without a chat template gets bare strings verbatim (base models); a message list
     then is an error, since there is no faithful way to render roles without a template.
@@ -37,7 +40,11 @@ def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
         prompt = [{"role": "user", "content": prompt}]
     if not getattr(tokenizer, "chat_template", None):
         raise SpardError("tokenizer has no chat template; pass prompts as plain strings for a base model")
-    return tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+    fmt, system_prompt = bound_format(tokenizer)
+    text = tokenizer.apply_chat_template(format_messages(prompt, fmt, system_prompt), add_generation_prompt=True,
+                                         tokenize=False)
+    # alpaca_chat trains assistant turns as "### Response:\n<answer>": prefill that start, as the reference does
+    return text + ALPACA_RESPONSE if fmt == "alpaca_chat" else text
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -71,13 +78,8 @@ def model_device(model: Any) -> torch.device:
 
 def left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into ``(input_ids, attention_mask)``."""
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        if ids:
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[row, width - len(ids):] = 1
+    input_ids = pad_sequences(batch, pad_id, side="left")
+    mask = pad_sequences([[1] * len(ids) for ids in batch], 0, side="left")
     return input_ids.to(device), mask.to(device)
 
 
@@ -182,9 +184,9 @@ def generate_ids(
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(seed)
             batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-            bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, file=sys.stderr, leave=False)
+            bar = tqdm(total=len(order), desc=desc, unit="prompt", disable=not progress, file=sys.stderr, leave=False)
             stop = set(eos_ids)
-            for idx in bar:
+            for idx in batches:
                 # transformers derives position ids from the attention mask (cumsum), so a left-padded
                 # row gets the same positions as when run alone; tests check batched == unbatched.
                 input_ids, mask = left_pad([encoded[i] for i in idx], pad_id, device)
@@ -200,6 +202,8 @@ def generate_ids(
                 for row, i in enumerate(idx):
                     ids = _trim(new[row], stop)
                     results[i] = _cut_at_pattern(tokenizer, ids, pattern) if pattern else ids
+                bar.update(len(idx))
+            bar.close()
     finally:
         model.train(was_training)
     return [r if r is not None else [] for r in results]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from spard.data.build import normalise_prompt
-from spard.data.records import Record
+from spard.data.records import Record, with_system_prompt
 from spard.data.sources import SOURCES, FieldMap, load_source
 from spard.errors import DataError, SpardError
 from spard.evaluate.judges import Judge, JudgeResult, KeywordJudge
@@ -25,15 +25,20 @@ from spard.hub import is_hub_id
 log = logging.getLogger(__name__)
 
 
-def load_harm_set(name: str, *, limit: int | None = None, prompt_field: str = "prompt") -> list[Record]:
+def load_harm_set(name: str, *, limit: int | None = None, prompt_field: str = "prompt",
+                  protocol: str = "heldout") -> list[Record]:
     """Prompt-only records of a harm set: a packaged source name, a local file, or a hub dataset id.
 
     Packaged sources use their ``test`` split when they have one (the evaluation sets) and otherwise
-    their only split (e.g. ``beavertails``; the overlap guard then matters).
+    their only split (e.g. ``beavertails``; the overlap guard then matters). With ``protocol="reference"`` a
+    source split into attack / evaluation parts (the SPARD reference attack sets) is read whole (split ``all``),
+    as the reference evaluates the attack's own prompts.
     """
     source = SOURCES.get(name)
     if source is not None:
         split = "test" if "test" in source.files else next(iter(source.files))
+        if protocol == "reference" and "all" in source.files:
+            split = "all"
         records = load_source(name, split=split, limit=limit)
     elif Path(name).exists() or is_hub_id(name):
         records = load_source("local", path=name, fields=FieldMap(prompt=prompt_field, response=None),
@@ -50,7 +55,8 @@ def load_harm_set(name: str, *, limit: int | None = None, prompt_field: str = "p
 
 def load_harm_sets_by_name(args: Any) -> dict[str, list[Record]]:
     """Every harm set of ``args`` (an :class:`~spard.evaluate.args.EvalArgs`), keyed by its name."""
-    return {name: load_harm_set(name, limit=args.harm_limit, prompt_field=args.harm_prompt_field)
+    return {name: load_harm_set(name, limit=args.harm_limit, prompt_field=args.harm_prompt_field,
+                                protocol=getattr(args, "protocol", "heldout"))
             for name in args.harm_sets}
 
 
@@ -111,7 +117,8 @@ def evaluate_harm(
 
     if not records:
         raise DataError(f"harm set {set_name or '?'}: no records to evaluate")
-    messages = [[m for m in r.messages if m["role"] != "assistant"] for r in records]
+    system = getattr(args, "system_prompt", None)
+    messages = [with_system_prompt([m for m in r.messages if m["role"] != "assistant"], system) for r in records]
     t0 = time.perf_counter()
     responses = generate(model, tokenizer, messages, max_new_tokens=args.harm_max_new_tokens,
                          batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,

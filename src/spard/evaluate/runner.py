@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spard.args import EvalArgs
+from spard.args import DataArgs, EvalArgs
+from spard.data.chat import bound_format, prompt_format
 from spard.evaluate.harm import check_overlap, evaluate_harm, load_harm_sets_by_name, pooled_harm_metrics
 from spard.evaluate.judges import make_judge
 from spard.evaluate.tasks import task_class, task_for
@@ -54,13 +55,44 @@ def evaluate_model(
     *,
     attack_prompts: Sequence[str] = (),
     model_info: dict[str, Any] | None = None,
+    data: DataArgs | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``args.harm_sets`` and ``args.tasks``; write and return the results.
 
     ``attack_prompts`` are the prompts of the run's attack (harmful fine-tuning) data: harm-set
     prompts that also occur there fail the run unless ``args.allow_overlap`` (checked before any
-    generation). ``model_info`` (model id, adapter path, defense, ...) is stored as given.
+    generation). ``model_info`` (model id, adapter path, defense, ...) is stored as given. ``data`` is the
+    run's fine-tuning data config, given to tasks that score the run's own task (``task_nll``).
+
+    Prompts are worded in ``data.prompt_format`` (the run's training format), harm sets and tasks alike;
+    ``results.json`` records it. (``args.system_prompt`` is set as the prompts' system turn by the harm and task
+    evaluators; ``alpaca_chat`` puts its own system text in front of it.)
     """
+    fmt = data.prompt_format if data is not None else "chat"
+    args = protocol_args(args)
+    with prompt_format(tokenizer, fmt):
+        return _evaluate_model(model, tokenizer, args, out_dir, attack_prompts=attack_prompts,
+                               model_info=model_info, data=data)
+
+
+def protocol_args(args: EvalArgs) -> EvalArgs:
+    """The options ``args.protocol`` implies: ``reference`` samples at temperature 1, top-p 1 (the reference
+    code's decoding) and allows overlap with the attack (it evaluates the attack's own prompts)."""
+    if args.protocol == "reference":
+        return dataclasses.replace(args, temperature=1.0, top_p=1.0, allow_overlap=True)
+    return args
+
+
+def _evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    args: EvalArgs,
+    out_dir: Path,
+    *,
+    attack_prompts: Sequence[str] = (),
+    model_info: dict[str, Any] | None = None,
+    data: DataArgs | None = None,
+) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -69,7 +101,7 @@ def evaluate_model(
     harm_records = load_harm_sets_by_name(args)
     overlap = check_overlap([r.prompt for recs in harm_records.values() for r in recs], attack_prompts,
                             args.allow_overlap)
-    tasks_by_name = {t.name: task_for(t) for t in args.tasks}
+    tasks_by_name = {t.name: task_for(t, data) for t in args.tasks}
     task_records = {name: task.load(args.task_split, args.task_limit) for name, task in tasks_by_name.items()}
     judge = make_judge(args) if harm_records else None
 
@@ -102,6 +134,8 @@ def evaluate_model(
         "environment": _environment(),
         "primary_judge": judge.name if judge is not None else None,
         "overlap": {"count": len(overlap), "allowed": args.allow_overlap},
+        "prompt_format": bound_format(tokenizer)[0],
+        "protocol": args.protocol,
         "harm": harm,
         "tasks": tasks,
         "sample_files": files,
@@ -118,6 +152,8 @@ def _fmt(r: dict[str, Any] | None) -> str:
     if not r or r.get("value") is None:
         return "-"
     lo, hi = r["ci95"]
+    if r.get("unit"):  # a quantity, not a rate (held-out NLL)
+        return f"{r['value']:6.3f} [{lo:.3f},{hi:.3f}] n={r['n']}"
     return f"{100 * r['value']:5.1f}% [{100 * lo:4.1f},{100 * hi:5.1f}] n={r['n']}"
 
 
@@ -151,4 +187,6 @@ def format_results_table(results_before: dict[str, Any] | None, results_after: d
     header = f"{'metric':<{width}}  " + "  ".join(f"{c:<{cell}}" for c in columns).rstrip()
     rule = "-" * max(len(line) for line in [header, *body])
     note = "rates in %, [95% Wilson interval], n = samples scored"
+    if results_after.get("protocol") == "reference":  # label the protocol when it is not the held-out default
+        note += "; eval.protocol=reference: ASR on the attack's own prompts, sampled at temperature 1"
     return "\n".join([header, rule, *body, rule, note])

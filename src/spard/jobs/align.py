@@ -1,5 +1,8 @@
 """The alignment stage: LoRA SFT of a base model on refusals mixed with benign data, merged into a new base.
 
+``align.defense`` picks an alignment-stage defense (:mod:`spard.align_defenses`: Vaccine, Booster,
+RepNoise) that trains through the same hooks as the fine-tuning defenses; ``none`` is plain SFT.
+
 Papers on harmful fine-tuning start from "an aligned model"; the embedded SmolLM2-135M-Instruct does not
 refuse harmful requests, so ``align`` makes it do so once, and caches the merged model (keyed by the base
 model and the alignment options) so every later run starts from the same aligned weights.
@@ -17,9 +20,12 @@ from typing import Any
 
 from filelock import FileLock
 
-from spard.args import AlignArgs, DefenseArgs, LoraArgs, ModelArgs, RunConfig, TrainArgs
+from spard.align_defenses.base import check_disjoint
+from spard.args import AlignArgs, LoraArgs, ModelArgs, RunConfig, TrainArgs
 from spard.data.build import load_safety_pool, sample
 from spard.data.sources import load_source
+from spard.defenses.base import DefenseContext
+from spard.evaluate.harm import load_harm_sets
 from spard.io import atomic_write_json
 from spard.models import cache_dir, load_model, model_fingerprint, save_model
 from spard.registry import build
@@ -45,7 +51,10 @@ def aligned_model_dir(model: ModelArgs, align: AlignArgs) -> Path:
     """``align.output_dir``, else a cache directory keyed by the base model and the alignment options."""
     if align.output_dir:
         return Path(align.output_dir)
-    key = hashlib.sha256(json.dumps([model_fingerprint(model), asdict(align)], sort_keys=True).encode()).hexdigest()
+    options = asdict(align)
+    if align.defense.name == "none":  # plain alignment keeps the key it had before alignment defenses existed
+        del options["defense"]
+    key = hashlib.sha256(json.dumps([model_fingerprint(model), options], sort_keys=True).encode()).hexdigest()
     return cache_dir() / "aligned" / key[:16]
 
 
@@ -83,10 +92,13 @@ def align(cfg: RunConfig, *, model=None, tokenizer=None) -> AlignResult:  # noqa
         cached = _cached(target)  # another process may have finished it while we waited
         if cached is not None:
             return cached
+        check_alignment_data_disjoint(cfg, [])  # the harm sets; the attack is checked when fine-tuning
         if model is None or tokenizer is None:
             model, tokenizer = load_model(cfg.model)
         records = alignment_records(a)
-        log.info("align: %d refusals + %d benign examples", a.n_safety, a.n_benign)
+        defense = build(a.defense)
+        log.info("align: %d refusals + %d benign examples, alignment defense %r", a.n_safety, a.n_benign,
+                 defense.name)
         run_dir = target / "run"
         if run_dir.exists():  # a crashed earlier attempt: start it over
             shutil.rmtree(run_dir)
@@ -94,14 +106,28 @@ def align(cfg: RunConfig, *, model=None, tokenizer=None) -> AlignResult:  # noqa
                                seed=a.seed, save_steps=10_000, lr_scheduler="cosine", warmup_ratio=0.05)
         lora = replace(LoraArgs(), r=a.lora_r, alpha=2 * a.lora_r, target_modules=cfg.lora.target_modules)
         run_dir.mkdir(parents=True, exist_ok=True)
+        ctx = DefenseContext(config=cfg, tokenizer=tokenizer, run_dir=run_dir, seed=a.seed)
+        records = defense.prepare_data(records, ctx)
         peft_model, metrics = fit(model, tokenizer, records, lora=lora, args=train_args, max_length=a.max_length,
-                                  defense=build(DefenseArgs(name="sft")), run_dir=run_dir)
+                                  defense=defense, run_dir=run_dir)
         merged = peft_model.merge_and_unload()
         merged.config.name_or_path = f"{cfg.model.name_or_path} (aligned by spard)"
         save_model(merged, tokenizer, target / "model")
         atomic_write_json(target / "align_result.json", {"base_model": cfg.model.name_or_path, "align": asdict(a),
                                                          "metrics": metrics, "adapter": str(run_dir / FINAL_DIR)})
     return AlignResult(target / "model", cached=False, metrics=metrics)
+
+
+def check_alignment_data_disjoint(cfg: RunConfig, attack_prompts: list[str]) -> None:
+    """Refuse a run whose attack prompts or harm-set prompts include a prompt of the harmful pairs its
+    alignment defense (Booster, RepNoise) trained against; a no-op for defenses without harmful data."""
+    if not cfg.align.enabled:
+        return
+    harmful = build(cfg.align.defense).harmful_records(cfg.align)
+    if not harmful:
+        return
+    check_disjoint(harmful, attack_prompts, "this run's attack data")
+    check_disjoint(harmful, [r.prompt for r in load_harm_sets(cfg.eval)], f"the harm sets {cfg.eval.harm_sets}")
 
 
 def base_for_finetuning(cfg: RunConfig) -> tuple[ModelArgs, str]:

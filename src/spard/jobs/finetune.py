@@ -19,11 +19,12 @@ from spard.args import RunConfig
 from spard.config import config_to_yaml, stored_config_diff
 from spard.data.attacks import attack_prompts
 from spard.data.build import build_training_set
+from spard.data.chat import prompt_format
 from spard.data.records import Record
 from spard.defenses import DefenseContext
 from spard.errors import ConfigError
 from spard.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from spard.jobs.align import base_for_finetuning
+from spard.jobs.align import base_for_finetuning, check_alignment_data_disjoint
 from spard.registry import build
 from spard.rundir import (
     ATTACK_PROMPTS_FILE,
@@ -121,14 +122,18 @@ def train(cfg: RunConfig, *, callbacks: list[TrainerCallback] | None = None,
         model, tokenizer = load_model(base_args)
 
     records, prompts = training_set(cfg, run_dir, tokenizer, defense)
+    if base_args is not cfg.model:  # fine-tuning the aligned model: its harmful alignment data must be unseen
+        check_alignment_data_disjoint(cfg, prompts)
     if not (cfg.train.resume and (run_dir / CONFIG_FILE).is_file()):  # a resumed run keeps its files
         atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(cfg))
         atomic_write_json(run_dir / ATTACK_PROMPTS_FILE, prompts)
         atomic_write_jsonl(run_dir / TRAIN_SET_FILE, [r.to_dict() for r in records])
     log.info("training set: %d records (%d harmful) under defense %r", len(records), len(prompts), defense.name)
 
-    _, metrics = fit(model, tokenizer, records, lora=cfg.lora, args=cfg.train, max_length=cfg.data.max_length,
-                     defense=defense, run_dir=run_dir, resume_from=resume_from, callbacks=callbacks)
+    # data.prompt_format words every text tokenised for training: the task set and each defense's safety data.
+    with prompt_format(tokenizer, cfg.data.prompt_format):
+        _, metrics = fit(model, tokenizer, records, lora=cfg.lora, args=cfg.train, max_length=cfg.data.max_length,
+                         defense=defense, run_dir=run_dir, resume_from=resume_from, callbacks=callbacks)
     metrics["n_harmful"] = len(prompts)
     result = TrainResult(run_dir, run_dir / FINAL_DIR, base_name, metrics)
     atomic_write_json(run_dir / TRAIN_RESULT_FILE, {"base_model": base_name, "metrics": metrics})

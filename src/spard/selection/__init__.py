@@ -10,6 +10,7 @@ from spard.selection.embed import (
     LMEmbedder,
     SentenceTransformerEmbedder,
     cached_embed,
+    embed_from_superset,
     packaged_encoder_path,
 )
 from spard.selection.select import METHODS, select_indices, select_safety_subset, selection_stats
@@ -21,6 +22,7 @@ __all__ = [
     "LMEmbedder",
     "SentenceTransformerEmbedder",
     "cached_embed",
+    "embed_from_superset",
     "dpp_kernel",
     "greedy_map",
     "greedy_map_full_kernel",

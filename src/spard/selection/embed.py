@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from spard.data.chat import pad_sequences
 from spard.errors import DataError
 from spard.fingerprint import weights_fingerprint
 from spard.io import atomic_path
@@ -156,12 +157,8 @@ class LMEmbedder:
             with torch.no_grad(), bar:
                 for start in range(0, len(order), self.batch_size):
                     batch = order[start : start + self.batch_size]
-                    width = len(ids[batch[0]])
-                    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                    mask = torch.zeros((len(batch), width), dtype=torch.long)
-                    for row, i in enumerate(batch):
-                        input_ids[row, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
-                        mask[row, : len(ids[i])] = 1
+                    input_ids = pad_sequences([ids[i] for i in batch], pad_id)
+                    mask = pad_sequences([[1] * len(ids[i]) for i in batch], 0)
                     hidden = self._last_hidden(input_ids.to(device), mask.to(device)).float()
                     weights = mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(-1)
                     pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
@@ -279,14 +276,17 @@ def _load_cached(path: Path, digest: str, n: int) -> torch.Tensor | None:
 
 
 def cached_embed(
-    embedder: Embedder, texts: Sequence[str], cache_dir: str | os.PathLike[str], key: str | None = None
+    embedder: Embedder, texts: Sequence[str], cache_dir: str | os.PathLike[str], key: str | None = None,
+    *, lock: bool = False,
 ) -> torch.Tensor:
     """``embedder(texts)``, stored in / reused from ``cache_dir`` as ``emb-<hash>.safetensors``.
 
     The file name hashes ``key`` (the embedder's identity: defaults to ``embedder.cache_key``, which both
     provided embedders define; pass it for a plain function) together with the exact texts and their
     order, so any change to either misses the cache. A file whose stored digest or shape does not match,
-    or that cannot be read, is recomputed and overwritten. Writes go to a temp file and ``os.replace``.
+    or that cannot be read, is recomputed and overwritten. Writes go to a temp file and ``os.replace``, so a
+    reader never sees half a file. ``lock`` (for a cache shared between runs) holds a file lock beside the
+    file while checking and filling it, so two processes that need the same embeddings compute them once.
     """
     texts = _check_texts(texts)
     identity = key if key is not None else getattr(embedder, "cache_key", None)
@@ -294,6 +294,16 @@ def cached_embed(
         raise ValueError("cached_embed needs key=... (a string naming the embedder) for an embedder without cache_key")
     digest = _cache_digest(identity, texts)
     path = Path(cache_dir) / f"emb-{digest[:40]}.safetensors"
+    if lock:
+        from filelock import FileLock
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            return _cached_embed_at(embedder, texts, path, digest, identity)
+    return _cached_embed_at(embedder, texts, path, digest, identity)
+
+
+def _cached_embed_at(embedder: Embedder, texts: list[str], path: Path, digest: str, identity: str) -> torch.Tensor:
     if path.exists():
         cached = _load_cached(path, digest, len(texts))
         if cached is not None:
@@ -304,3 +314,24 @@ def cached_embed(
         raise ValueError(f"embedder returned {getattr(emb, 'shape', type(emb))}, expected a [{len(texts)}, d] tensor")
     _save_atomically(emb.detach().to("cpu").contiguous(), path, {"digest": digest, "key": identity})
     return emb
+
+
+def embed_from_superset(
+    embedder: Embedder, texts: Sequence[str], superset: Sequence[str], cache_dir: str | os.PathLike[str],
+    key: str | None = None,
+) -> torch.Tensor:
+    """Embeddings of ``texts`` (each one of ``superset``), cut from the cached embeddings of all of ``superset``.
+
+    For a pool that each run filters differently (SPARD's safety pool minus the run's attack prompts): the
+    cache entry is the whole unfiltered pool, so every run on the same embedder hits one file, whatever it
+    filtered out. Uses :func:`cached_embed` with ``lock=True`` (a cache shared between runs and processes).
+    """
+    texts, superset = _check_texts(texts), _check_texts(superset)
+    where: dict[str, int] = {}
+    for i, text in enumerate(superset):
+        where.setdefault(text, i)
+    missing = [t for t in texts if t not in where]
+    if missing:
+        raise ValueError(f"{len(missing)} text(s) to embed are not in the superset, e.g. {missing[0][:80]!r}")
+    full = cached_embed(embedder, superset, cache_dir, key, lock=True)
+    return full[[where[t] for t in texts]] if texts else full[:0]

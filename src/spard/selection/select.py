@@ -127,6 +127,8 @@ def select_safety_subset(
     method: str = "dpp",
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    pool_emb: torch.Tensor | None = None,
+    task_emb: torch.Tensor | None = None,
 ) -> list[Record]:
     """Pick safety records from ``pool`` for fine-tuning on ``task_records``; chosen records in selection order.
 
@@ -134,7 +136,9 @@ def select_safety_subset(
     given), sets ``k = ceil(fraction * len(task_records))`` unless ``k`` is given, caps it at the pool size,
     and selects with ``method`` (``"dpp"``, ``"random"`` or ``"relevance_topk"``). The DPP may return fewer
     than ``k`` records when the pool runs out of relevant, non-redundant items (warned); the baselines
-    always return ``k``. Selection statistics (:func:`selection_stats`) are logged at INFO.
+    always return ``k``. Selection statistics (:func:`selection_stats`) are logged at INFO. ``pool_emb`` /
+    ``task_emb``, when given, are the embeddings of the pool's / the task's prompts (row i = record i), e.g.
+    from a cache shared between runs; then ``embedder`` is not called for them.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -150,8 +154,13 @@ def select_safety_subset(
     if k > len(pool):
         logger.warning("k=%d exceeds the safety pool (%d records); selecting all of it", k, len(pool))
         k = len(pool)
-    pool_emb = embed_prompts(pool, embedder, what="pool", cache_dir=cache_dir)
-    task_emb = embed_prompts(task_records, embedder, what="task", cache_dir=cache_dir)
+    if pool_emb is None:
+        pool_emb = embed_prompts(pool, embedder, what="pool", cache_dir=cache_dir)
+    if task_emb is None:
+        task_emb = embed_prompts(task_records, embedder, what="task", cache_dir=cache_dir)
+    for what, emb, n in (("pool", pool_emb, len(pool)), ("task", task_emb, len(task_records))):
+        if emb.ndim != 2 or emb.shape[0] != n:
+            raise ValueError(f"{what} embeddings have shape {tuple(emb.shape)}, expected [{n}, d]")
     if pool_emb.shape[1] != task_emb.shape[1]:
         raise ValueError(f"pool embeddings have dim {pool_emb.shape[1]} but task embeddings {task_emb.shape[1]}")
     indices = select_indices(pool_emb, task_emb, k, beta=beta, method=method, seed=seed)

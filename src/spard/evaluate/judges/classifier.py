@@ -90,6 +90,14 @@ class ClassifierJudge:
     Args = ClassifierArgs
 
     @classmethod
+    def preflight(cls, args: ClassifierArgs) -> None:
+        """Before any compute: the judge model is a local path or a cached / reachable hub id."""
+        from spard.models import check_model_source
+
+        assert args.model is not None
+        check_model_source(args.model, key="eval.judge.model")
+
+    @classmethod
     def from_args(cls, args: ClassifierArgs) -> ClassifierJudge:
         assert args.model is not None
         return cls(args.model, mode=args.mode, harmful_label=args.harmful_label, threshold=args.threshold,

@@ -150,6 +150,13 @@ class OpenAIJudge:
     Args = OpenAIArgs
 
     @classmethod
+    def preflight(cls, args: OpenAIArgs) -> None:
+        """Before any compute: the API key variable is set (the endpoint itself is only tried when judging)."""
+        if args.api_key_env and not os.environ.get(args.api_key_env):
+            raise ConfigError(f"eval.judge.api_key_env={args.api_key_env!r}: environment variable is not set "
+                              "(set it, or set api_key_env to '' for an endpoint without keys)")
+
+    @classmethod
     def from_args(cls, args: OpenAIArgs) -> OpenAIJudge:
         return cls(args.base_url, args.model, args.api_key_env, args.max_retries, args.backoff, timeout=args.timeout,
                    max_tokens=args.max_tokens, concurrency=args.concurrency)
@@ -172,10 +179,8 @@ class OpenAIJudge:
         self.timeout, self.max_tokens, self.concurrency, self.template = timeout, max_tokens, concurrency, template
         self.api_key: str | None = None
         if api_key_env:
+            self.preflight(OpenAIArgs(api_key_env=api_key_env))
             self.api_key = os.environ.get(api_key_env)
-            if not self.api_key:
-                raise ConfigError(f"eval.judge.api_key_env={api_key_env!r}: environment variable is not set "
-                                  "(set it, or set api_key_env to '' for an endpoint without keys)")
 
     def _post(self, body: bytes) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}

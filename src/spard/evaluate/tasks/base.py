@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from spard.args import TaskArgs
-from spard.data.records import Record
+from spard.data.chat import pad_sequences
+from spard.data.records import Record, with_system_prompt
 from spard.data.sources import load_source
 from spard.errors import DataError, SpardError
 from spard.evaluate.metrics import accuracy
@@ -74,14 +75,12 @@ def loglikelihoods(
     try:
         with torch.inference_mode():
             batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-            for idx in tqdm(batches, desc="loglik", unit="batch", disable=not progress, file=sys.stderr, leave=False):
+            bar = tqdm(total=len(order), desc="loglik", unit="choice", disable=not progress, file=sys.stderr,
+                       leave=False)
+            for idx in batches:
                 seqs = [(pairs[i][0] + pairs[i][1])[:-1] for i in idx]  # the last token predicts nothing
-                width = max(map(len, seqs))
-                ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(seqs), width), dtype=torch.long)
-                for row, s in enumerate(seqs):
-                    ids[row, : len(s)] = torch.tensor(s)
-                    mask[row, : len(s)] = 1
+                ids = pad_sequences(seqs, pad)
+                mask = pad_sequences([[1] * len(s) for s in seqs], 0)
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 for row, i in enumerate(idx):
                     ctx, cont = pairs[i]
@@ -89,6 +88,8 @@ def loglikelihoods(
                     lp = logits[row, start:start + len(cont)].float().log_softmax(-1)
                     target = torch.tensor(cont, device=lp.device).unsqueeze(-1)
                     out[i] = float(lp.gather(-1, target).sum())
+                bar.update(len(idx))
+            bar.close()
     finally:
         model.train(was_training)
     return out
@@ -108,10 +109,33 @@ class Task(ABC):
     title: ClassVar[str] = ""
     """Headline metric as the bench table and plots name it, e.g. ``GSM8K accuracy (flexible match)``."""
     csv_column: ClassVar[str] = ""
-    """Column of the headline metric in the bench's ``results.csv`` (``<csv_column>_pct``)."""
+    """Column of the headline metric in the bench's ``results.csv`` (``<csv_column>_pct`` for a rate, else
+    ``<csv_column>``)."""
+    headline: ClassVar[str] = "accuracy"
+    """Key of the headline metric in the task's metrics: a rate block (``{"value", "k", "n", "ci95"}``) or a
+    plain number."""
+    is_rate: ClassVar[bool] = True
+    """The headline is a fraction in [0, 1] (reported in %); False: a quantity reported as is (a loss)."""
+    lower_is_better: ClassVar[bool] = False
+    """The bench marks the lowest value of a column as best instead of the highest (losses, error rates)."""
+    own_table: ClassVar[bool] = False
+    """The bench shows this task in a table of its own (besides the fine-tuning task's accuracy table)."""
+    uses_run_data: ClassVar[bool] = False
+    """The task scores the run's own fine-tuning data: the runner sets :attr:`run_data` to the run's
+    :class:`~spard.args.DataArgs` before :meth:`load` (and the before-fine-tuning cache keys on it)."""
 
     def __init__(self, args: TaskArgs | None = None) -> None:
         self.args = args if args is not None else self.Args()
+        self.run_data: Any = None
+        """The run's :class:`~spard.args.DataArgs` (set by the runner for tasks with ``uses_run_data``)."""
+
+    @classmethod
+    def headline_value(cls, metrics: dict[str, Any] | None) -> float | None:
+        """The headline number of ``metrics`` (a rate's ``value``), None if absent."""
+        block = (metrics or {}).get(cls.headline)
+        if isinstance(block, dict):
+            block = block.get("value")
+        return float(block) if isinstance(block, (int, float)) and not isinstance(block, bool) else None
 
     def load(self, split: str = "test", limit: int | None = None, path: str | None = None) -> list[Record]:
         """The first ``limit`` records of ``split`` (packaged copy, or ``path``: a file or hub id)."""
@@ -131,9 +155,13 @@ class Task(ABC):
         return {self.title or f"{self.name} accuracy": metrics.get("accuracy")}
 
 
-def task_for(args: TaskArgs) -> Task:
-    """The task ``args`` names, built with its options."""
-    return build(args)
+def task_for(args: TaskArgs, data: Any = None) -> Task:
+    """The task ``args`` names, built with its options; ``data`` (the run's :class:`~spard.args.DataArgs`) is
+    handed to tasks that score the run's own task (``uses_run_data``, e.g. ``task_nll``)."""
+    task: Task = build(args)
+    if task.uses_run_data:
+        task.run_data = data
+    return task
 
 
 def task_class(name: str) -> type[Task]:
@@ -166,7 +194,7 @@ class GenerativeTask(Task):
                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         from spard.evaluate.generation import generate
 
-        prompts = [self.prompt(r) for r in records]
+        prompts = [with_system_prompt(self.prompt(r), args.system_prompt) for r in records]
         t0 = time.perf_counter()
         responses = generate(model, tokenizer, prompts, max_new_tokens=self.max_new_tokens(),
                              batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from spard.args import TaskArgs, check_choice, check_range
-from spard.data.records import Record
+from spard.data.records import Record, with_system_prompt
 from spard.data.sources import OBQA_LETTERS
 from spard.evaluate.metrics import accuracy
 from spard.evaluate.tasks.base import GenerativeTask, encode_pair, loglikelihoods, register, user_turn
@@ -133,6 +133,7 @@ class OpenBookQA(GenerativeTask):
         pairs, spans, conts = [], [], []
         for rec in records:
             messages, continuations = obqa_loglik_requests(rec, fmt)
+            messages = with_system_prompt(messages, args.system_prompt)
             context = render_prompt(tokenizer, messages)
             spans.append((len(pairs), len(continuations)))
             conts.append(continuations)

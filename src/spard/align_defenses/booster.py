@@ -1,0 +1,116 @@
+"""Booster (Huang et al., ICLR 2025, arXiv 2409.01586): alignment with harmful perturbation attenuation.
+
+The update direction (reference: git-disl/Booster ``trainer.py`` ``BoosterAlignmentTrainer``, the paper's
+Algorithm 1) is
+
+    g = ∇f(θ) + λ (∇h(θ) − ∇h(θ − α ∇h(θ) / ‖∇h(θ)‖))
+
+with ``f`` the alignment loss on the alignment batch and ``h`` the loss on a batch of harmful pairs: the
+model is trained so that one normalised step of harmful fine-tuning lowers the harmful loss as little as
+possible. Only trainable (LoRA) parameters enter ``∇h`` and its norm. Three forward/backward passes per
+step (harmful twice on the same batch, alignment once).
+
+spard computes ``λ (∇h(θ) − ∇h(θ'))`` in the ``loss`` hook and adds it to the gradient of the alignment loss
+through a linear term of zero value, so the trainer's backward, gradient clipping and optimizer see the
+combined gradient exactly as the reference's (which writes it into ``.grad`` before HF clips it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from spard.align_defenses.base import HarmfulDataArgs, HarmfulDataDefense, register
+from spard.align_defenses.vaccine import NORM_EPS, joint_norm
+from spard.args import check_range
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+__all__ = ["Booster", "BoosterArgs", "normalised_step", "shifted_harmful_gradients", "booster_regulariser",
+           "with_extra_gradient"]
+
+
+@dataclass
+class BoosterArgs(HarmfulDataArgs):
+    name: str = "booster"
+    """Alignment defense name."""
+    lamb: float = 5.0
+    """λ, weight of the attenuation term (reference script ``smooth_align.sh``: 5; its argparse default 0.001
+    is not what the experiments used)."""
+    alpha: float = 0.1
+    """α, length of the simulated harmful step ``α ∇h / ‖∇h‖`` (reference: 0.1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("lamb", self.lamb, 0.0)
+        check_range("alpha", self.alpha, 0.0)
+
+
+def normalised_step(grads: Sequence[Tensor], alpha: float) -> list[Tensor]:
+    """``alpha * g / (‖g‖ + 1e-7)`` with one norm over all tensors (the simulated harmful step)."""
+    scale = alpha / (joint_norm(grads) + NORM_EPS)
+    return [(g.detach().float() * scale).to(g.dtype) for g in grads]
+
+
+def booster_regulariser(g_harm: Sequence[Tensor], g_harm_shifted: Sequence[Tensor], lamb: float) -> list[Tensor]:
+    """``λ (∇h(θ) − ∇h(θ − step))`` per tensor."""
+    return [lamb * (a - b) for a, b in zip(g_harm, g_harm_shifted)]
+
+
+def _grads(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+
+
+def shifted_harmful_gradients(model: torch.nn.Module, batch: dict[str, Tensor], alpha: float
+                              ) -> tuple[list[Tensor], list[Tensor], float, float]:
+    """``∇h(θ)``, ``∇h(θ − α ∇h/‖∇h‖)`` over ``model``'s trainable parameters, and the two harmful losses.
+
+    The shifted pass runs through ``torch.func.functional_call`` on shifted copies of the trainable
+    parameters: the weights are never modified in place (the reference subtracts the step from ``.data``
+    and adds it back, which is not exact in floating point, and here the alignment batch's graph, already
+    built by the trainer, still needs the unshifted weights)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    loss = model(**batch).loss
+    g_harm = _grads(loss, params)
+    step = normalised_step(g_harm, alpha)
+    shifted = {n: (p.detach() - s).requires_grad_(True) for (n, p), s in zip(named, step)}
+    loss_shifted = torch.func.functional_call(model, shifted, args=(), kwargs=batch, strict=False).loss
+    g_shifted = _grads(loss_shifted, list(shifted.values()))
+    return g_harm, g_shifted, float(loss.detach()), float(loss_shifted.detach())
+
+
+def with_extra_gradient(loss: Tensor, params: Sequence[Tensor], extra: Sequence[Tensor]) -> Tensor:
+    """``loss`` with the same value whose gradient with respect to ``params`` is larger by ``extra``:
+    adds ``Σ <p, e> − (Σ <p, e>).detach()``, a term of value zero and gradient ``e``."""
+    linear = sum((p * e.detach().to(p.dtype)).sum() for p, e in zip(params, extra))
+    return loss + (linear - linear.detach())  # type: ignore[operator]
+
+
+@register
+class Booster(HarmfulDataDefense):
+    """Align while attenuating how much one harmful step would lower the harmful loss."""
+
+    name = "booster"
+    Args = BoosterArgs
+    args: BoosterArgs
+
+    def loss(self, trainer: Trainer, model: torch.nn.Module, inputs: dict[str, Tensor],
+             loss: Tensor, outputs: Any) -> Tensor:
+        if not model.training:
+            return loss
+        net = trainer.model  # unwrapped: these passes must not trigger a DDP reducer
+        params = [p for p in net.parameters() if p.requires_grad]
+        batch = self.harmful_batch(trainer)
+        with trainer.accelerator.autocast():
+            g_harm, g_shifted, h0, h1 = shifted_harmful_gradients(net, batch, self.args.alpha)
+        extra = booster_regulariser(g_harm, g_shifted, self.args.lamb)
+        self.last = {"booster_harmful_loss": h0, "booster_harmful_loss_shifted": h1,
+                     "booster_harmful_drop": h0 - h1, "booster_reg_norm": float(joint_norm(extra))}
+        return with_extra_gradient(loss, params, extra)
