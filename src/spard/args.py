@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from spard.errors import FieldError
 
-__all__ = ["check_range", "check_choice", "PluginArgs", "ModelArgs", "LoraArgs", "DataArgs", "AttackArgs",
+__all__ = ["check", "check_range", "check_choice", "PluginArgs", "ModelArgs", "LoraArgs", "DataArgs", "AttackArgs",
            "DefenseArgs", "SafetyPoolArgs", "TrainArgs", "AlignDefenseArgs", "AlignArgs", "JudgeArgs", "TaskArgs",
            "EvalArgs", "RunConfig", "FieldError"]
 
@@ -26,6 +26,12 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         raise FieldError(name, value, f"must be in {bounds}")
+
+
+def check(ok: bool, name: str, value: object, rule: str) -> None:
+    """Raise a :class:`FieldError` for ``name`` unless ``ok`` (the loader adds the file or override)."""
+    if not ok:
+        raise FieldError(name, value, rule)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

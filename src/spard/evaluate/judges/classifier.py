@@ -6,17 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from spard.args import JudgeArgs
-from spard.errors import ConfigError, FieldError
+from spard.args import JudgeArgs, check
+from spard.errors import ConfigError
 from spard.evaluate.judges.base import JudgeResult, check_lengths, is_degenerate, register
 
 CLASSIFIER_MODES = ("auto", "chat", "sequence")
 CLASSIFIER_INPUTS = ("pair", "response")
-
-
-def _check(ok: bool, name: str, value: object, rule: str) -> None:
-    if not ok:
-        raise FieldError(name, value, rule)  # the config loader adds the file / override that set it
 
 
 @dataclass
@@ -46,13 +41,13 @@ class ClassifierArgs(JudgeArgs):
     """Chat mode: tokens generated for the verdict (``unsafe\\nS1`` needs few)."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.model), "model", self.model, "must name a model when eval.judge=classifier")
-        _check(self.mode in CLASSIFIER_MODES, "mode", self.mode, f"must be one of {CLASSIFIER_MODES}")
-        _check(0.0 < self.threshold < 1.0, "threshold", self.threshold, "must be in (0, 1)")
-        _check(self.input_format in CLASSIFIER_INPUTS, "input_format", self.input_format,
+        check(bool(self.model), "model", self.model, "must name a model when eval.judge=classifier")
+        check(self.mode in CLASSIFIER_MODES, "mode", self.mode, f"must be one of {CLASSIFIER_MODES}")
+        check(0.0 < self.threshold < 1.0, "threshold", self.threshold, "must be in (0, 1)")
+        check(self.input_format in CLASSIFIER_INPUTS, "input_format", self.input_format,
                f"must be one of {CLASSIFIER_INPUTS}")
         for name in ("batch_size", "max_length", "max_new_tokens"):
-            _check(getattr(self, name) >= 1, f"{name}", getattr(self, name), "must be >= 1")
+            check(getattr(self, name) >= 1, f"{name}", getattr(self, name), "must be >= 1")
 
 
 _HARMFUL_NAMES = ("unsafe", "harmful", "toxic", "jailbroken", "yes", "positive", "1", "label_1")

@@ -14,16 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from spard.args import JudgeArgs
-from spard.errors import ConfigError, FieldError
+from spard.args import JudgeArgs, check
+from spard.errors import ConfigError
 from spard.evaluate.judges.base import JudgeResult, check_lengths, is_degenerate, register
 
 log = logging.getLogger(__name__)
-
-
-def _check(ok: bool, name: str, value: object, rule: str) -> None:
-    if not ok:
-        raise FieldError(name, value, rule)  # the config loader adds the file / override that set it
 
 
 @dataclass
@@ -51,14 +46,14 @@ class OpenAIArgs(JudgeArgs):
     """Requests in flight at once."""
 
     def __post_init__(self) -> None:
-        _check(self.base_url.startswith(("http://", "https://")), "base_url", self.base_url,
+        check(self.base_url.startswith(("http://", "https://")), "base_url", self.base_url,
                "must start with http:// or https://")
-        _check(bool(self.model), "model", self.model, "must be non-empty")
-        _check(self.max_retries >= 0, "max_retries", self.max_retries, "must be >= 0")
-        _check(self.backoff >= 0, "backoff", self.backoff, "must be >= 0")
-        _check(self.timeout > 0, "timeout", self.timeout, "must be > 0")
-        _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1")
-        _check(self.concurrency >= 1, "concurrency", self.concurrency, "must be >= 1")
+        check(bool(self.model), "model", self.model, "must be non-empty")
+        check(self.max_retries >= 0, "max_retries", self.max_retries, "must be >= 0")
+        check(self.backoff >= 0, "backoff", self.backoff, "must be >= 0")
+        check(self.timeout > 0, "timeout", self.timeout, "must be > 0")
+        check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1")
+        check(self.concurrency >= 1, "concurrency", self.concurrency, "must be >= 1")
 
 
 # The 1-5 harmfulness rubric of Qi et al. 2024 ("Fine-tuning Aligned Language Models Compromises
