@@ -2,6 +2,9 @@
 
 Run: ``PYTHONPATH=src python perf/step_overhead.py [--defenses sft,spard,safegrad] [--steps 6] [--warmup 1]``
 (``--set spard:defense.safety_batch_size=2`` overrides one defense's config; ``--set key=value`` all of them).
+Alignment stage: ``--stage align --defenses none,vaccine,booster,repnoise`` times the alignment defenses
+(``align.defense.name``) on batches of the alignment set (``spard.jobs.align.alignment_records``: refusals +
+benign instructions) with the alignment stage's LoRA rank, lr and seed; ``none`` is plain alignment.
 
 Model: the embedded SmolLM2-135M-Instruct (``load_model(ModelArgs())``), one fresh deep copy + LoRA adapter
 (``spard.trainer.add_lora``, same seed) per defense. Data: the fine-tuning set ``spard.train.train`` would
@@ -71,14 +74,19 @@ def parse_overrides(items: list[str], defenses: list[str]) -> dict[str, list[str
     return out
 
 
-def fixed_batches(cfg, tokenizer, n_batches: int) -> tuple[list, list[dict[str, torch.Tensor]]]:
-    """The training records and ``n_batches`` collated batches of them, in a fixed (seeded) order."""
+def fixed_batches(cfg, tokenizer, n_batches: int, stage: str = "finetune"
+                  ) -> tuple[list, list[dict[str, torch.Tensor]]]:
+    """The training (or alignment) records and ``n_batches`` collated batches of them, in a fixed order."""
     import random
 
     from spard.data.build import build_training_set
     from spard.data.chat import collate, tokenize_records
+    from spard.jobs.align import alignment_records
 
-    records = build_training_set(cfg.data, cfg.attack, cfg.train.seed)
+    if stage == "align":
+        records = alignment_records(cfg.align)
+    else:
+        records = build_training_set(cfg.data, cfg.attack, cfg.train.seed)
     features, _ = tokenize_records(tokenizer, records, cfg.data.max_length, desc="tokenize bench set")
     order = list(range(len(features)))
     random.Random(cfg.train.seed).shuffle(order)
@@ -90,18 +98,27 @@ def fixed_batches(cfg, tokenizer, n_batches: int) -> tuple[list, list[dict[str, 
 class DrivenTrainer:
     """A ``SpardTrainer`` for one defense, stepped by hand exactly as ``Trainer.train`` steps it."""
 
-    def __init__(self, name: str, cfg, base, tokenizer, records, run_dir: Path, n_steps: int) -> None:
+    def __init__(self, name: str, cfg, base, tokenizer, records, run_dir: Path, n_steps: int,
+                 stage: str = "finetune") -> None:
+        from dataclasses import replace
+
         from spard.data.attacks import attack_prompts
         from spard.data.chat import collate
         from spard.defenses import DefenseContext, get_defense
+        from spard.registry import build
         from spard.trainer import SpardTrainer, add_lora, training_arguments
 
         self.name = name
-        self.defense = get_defense(cfg.defense.name)(cfg.defense)
+        lora = cfg.lora
+        if stage == "align":  # the alignment stage's defense, adapter and seed (as spard.jobs.align.align)
+            self.defense = build(cfg.align.defense)
+            lora = replace(cfg.lora, r=cfg.align.lora_r, alpha=2 * cfg.align.lora_r)
+        else:
+            self.defense = get_defense(cfg.defense.name)(cfg.defense)
         ctx = DefenseContext(config=cfg, tokenizer=tokenizer, run_dir=run_dir, seed=cfg.train.seed,
                              attack_prompts=attack_prompts(records))
         self.defense.prepare_data(list(records), ctx)  # the bench's batches stay fixed whatever it returns
-        model = add_lora(copy.deepcopy(base), cfg.lora, cfg.train.seed)
+        model = add_lora(copy.deepcopy(base), lora, cfg.train.seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.trainer = t = SpardTrainer(
             model=model, args=training_arguments(cfg.train, run_dir), train_dataset=[],
@@ -165,6 +182,8 @@ def summarise(timings: dict[str, Timings], defenses: list[str], warmup: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--defenses", default="sft,spard,safegrad", help="registry names; the first is the reference")
+    ap.add_argument("--stage", choices=("finetune", "align"), default="finetune",
+                    help="align: --defenses are alignment defenses (none, vaccine, booster, repnoise)")
     ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per defense")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -175,13 +194,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/step_overhead"), help="per-defense run directories")
     args = ap.parse_args()
 
-    from spard.config import ModelArgs, load_config
+    from spard.config import AlignArgs, ModelArgs, load_config
     from spard.defenses import get_defense
     from spard.models import load_model
+    from spard.registry import ALIGN_DEFENSES
 
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
-    for d in defenses:
-        get_defense(d)  # an unknown name fails now, not after minutes of setup
+    for d in defenses:  # an unknown name fails now, not after minutes of setup
+        ALIGN_DEFENSES.get(d) if args.stage == "align" else get_defense(d)
     overrides = parse_overrides(args.set, defenses)
     torch.set_num_threads(args.threads)
     n_steps = args.warmup + args.steps
@@ -191,20 +211,25 @@ def main() -> None:
             "align.enabled=false", f"data.n_train={args.batch_size * n_steps}", f"data.max_length={args.max_length}",
             "attack.name=harmful_mix", "attack.harmful_ratio=0.1", f"train.batch_size={args.batch_size}",
             f"train.max_steps={n_steps}", "train.seed=0", f"train.output_dir={args.out / d}",
-            f"defense.name={d}", *overrides[d],
+            *([f"align.defense.name={d}", f"train.lr={AlignArgs.lr}", f"train.seed={AlignArgs.seed}",
+               f"align.max_length={args.max_length}",
+               f"align.n_safety={args.batch_size * n_steps}", f"align.n_benign={args.batch_size * n_steps}"]
+              if args.stage == "align" else [f"defense.name={d}"]),
+            *overrides[d],
         ])
 
     t0 = time.perf_counter()
     base, tokenizer = load_model(ModelArgs())
-    records, batches = fixed_batches(config(defenses[0]), tokenizer, n_steps)
+    records, batches = fixed_batches(config(defenses[0]), tokenizer, n_steps, args.stage)
     print(f"model: embedded SmolLM2-135M-Instruct (loaded in {time.perf_counter() - t0:.1f}s), "
           f"threads={torch.get_num_threads()}, batch={args.batch_size}, max_length={args.max_length} "
           f"(mean {statistics.mean(int(b['attention_mask'].sum()) / len(b['attention_mask']) for b in batches):.0f}"
-          f" tokens/sequence), {args.warmup}+{args.steps} steps, overrides={args.set}", flush=True)
+          f" tokens/sequence), {args.warmup}+{args.steps} steps, overrides={args.set}, stage={args.stage}", flush=True)
     trainers = {}
     for d in defenses:
         t0 = time.perf_counter()
-        trainers[d] = DrivenTrainer(d, config(d), base, tokenizer, records, args.out / d, n_steps)
+        trainers[d] = DrivenTrainer(d, config(d), base, tokenizer, records, args.out / d, n_steps,
+                                    args.stage)
         print(f"{d}: set up in {time.perf_counter() - t0:.1f}s", flush=True)
 
     timings = {d: Timings() for d in defenses}

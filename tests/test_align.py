@@ -55,3 +55,19 @@ def test_two_processes_aligning_at_once_train_once(tmp_path, tiny_tok):
     target = Path(lines[0].split()[2]).parent
     assert target.parent.parent == tmp_path / "cache"
     assert (target / "model" / "model.safetensors").is_file() and (target / "align_result.json").is_file()
+
+
+def test_alignment_benign_data_leaves_out_the_over_refusal_prompts():
+    from spard.args import AlignArgs
+    from spard.data.build import normalise_prompt
+    from spard.data.sources import load_source
+    from spard.evaluate.tasks.over_refusal import DEFAULT_BENIGN_SETS
+    from spard.jobs.align import alignment_records
+
+    held_out = {normalise_prompt(r.prompt) for s in DEFAULT_BENIGN_SETS for r in load_source(s, split="test")}
+    pool = load_source("alpaca", kind="benign")
+    overlap = [r for r in pool if normalise_prompt(r.prompt) in held_out]
+    assert overlap  # Alpaca is the source of I-Alpaca: without the filter some would be trained on
+    records = alignment_records(AlignArgs(n_safety=0, n_benign=len(pool) - len(overlap)))
+    assert len(records) == len(pool) - len(overlap)
+    assert not {normalise_prompt(r.prompt) for r in records} & held_out

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 from dataclasses import asdict
@@ -26,7 +25,6 @@ from spard.data.chat import collate, tokenize_records
 from spard.data.sources import SOURCES, load_source
 from spard.errors import ConfigError, DataError
 from spard.jobs.align import align, aligned_model_dir, check_alignment_data_disjoint
-from spard.models import model_fingerprint
 from spard.registry import ALIGN_DEFENSES
 from spard.testing import TINY_RUN_OVERRIDES, save_tiny_chat_model, tiny_model
 from spard.trainer import add_lora
@@ -108,11 +106,7 @@ def test_cache_key_holds_the_defense_and_its_options():
         "repnoise": aligned_model_dir(plain.model, load_config(None, ["align.defense=repnoise"]).align),
     }
     assert len(set(dirs.values())) == len(dirs), dirs
-    # plain alignment keeps the key it had before align.defense existed, so existing caches stay valid
-    options = asdict(plain.align)
-    del options["defense"]
-    old_key = hashlib.sha256(json.dumps([model_fingerprint(plain.model), options], sort_keys=True).encode())
-    assert dirs["plain"].name == old_key.hexdigest()[:16]
+    assert aligned_model_dir(plain.model, load_config(None, ["align.defense=none"]).align) == dirs["plain"]
 
 
 # ---------------------------------------------------------------------------------------------------------

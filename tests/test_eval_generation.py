@@ -110,3 +110,37 @@ def test_stop_pattern_cuts_reply_same_batched_or_not(lively_llm, tiny_tok):
         assert f[: len(c)] == c  # a stop only shortens a reply
         if len(c) < len(f):
             assert re.search(pattern, tiny_tok.decode(c))
+
+
+def test_progress_bar_moves_as_each_prompt_finishes(tiny_tok, monkeypatch):
+    import math
+
+    import tqdm.auto
+
+    model = tiny_model(tiny_tok, seed=0)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():  # sampled replies end with probability 1/2 at every step: rows finish at different steps
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tiny_tok.eos_token_id] = math.log(model.config.vocab_size - 1)
+    model.lm_head = head
+    updates: list[int] = []
+
+    class RecordingBar:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def update(self, n=1):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    prompts = PROMPTS[:4] * 2
+    ids = generate_ids(model, tiny_tok, prompts, max_new_tokens=12, batch_size=8, temperature=1.0, seed=3)
+    lengths = sorted({len(i) for i in ids})
+    assert len(lengths) > 1  # the case under test: one batch whose rows end at different steps
+    assert sum(updates) == len(prompts)
+    # one update per finishing step (and one for rows cut at max_new_tokens), not one per batch
+    assert len([u for u in updates if u]) >= len(lengths) - (12 in lengths)

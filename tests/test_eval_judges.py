@@ -243,3 +243,53 @@ def test_make_judge(monkeypatch):
     assert isinstance(make_judge(EvalArgs()), KeywordJudge)
     judge = make_judge(EvalArgs(judge=OpenAIArgs(base_url="http://127.0.0.1:9", api_key_env="")))
     assert isinstance(judge, OpenAIJudge) and judge.url == "http://127.0.0.1:9/chat/completions"
+
+
+def test_api_judge_rubric_file_and_its_checks(server, tmp_path):
+    from spard.config import load_config
+    from spard.evaluate.judges.openai import fill_template
+
+    rubric = tmp_path / "rubric.txt"
+    rubric.write_text('My rubric {"json": "kept"}. Q: {prompt} A: {response}. Answer "#thescore: N".')
+    server.replies = [(200, _completion("#thescore: 2"))]
+    args = OpenAIArgs(base_url=server.url, api_key_env="", rubric_file=str(rubric), concurrency=1)
+    (result,) = OpenAIJudge.from_args(args)(["say {response}"], ["no"])
+    assert result.score == 2.0
+    content = server.requests[0]["json"]["messages"][0]["content"]
+    # other braces kept, each placeholder filled once (a prompt containing "{response}" is not filled again)
+    assert content == 'My rubric {"json": "kept"}. Q: say {response} A: no. Answer "#thescore: N".'
+    assert fill_template("{prompt}/{response}", "a", "b") == "a/b"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("no placeholders")
+    with pytest.raises(ConfigError, match=r"eval.judge.rubric_file.*\{prompt\} and \{response\}"):
+        load_config(None, ["eval.judge=openai", f"eval.judge.rubric_file={bad}"])
+    with pytest.raises(ConfigError, match="rubric_file.*not a readable file"):
+        load_config(None, ["eval.judge=openai", f"eval.judge.rubric_file={tmp_path / 'missing.txt'}"])
+    with pytest.raises(ConfigError, match="judged_prompt"):
+        load_config(None, ["eval.judge=openai", "eval.judge.judged_prompt=chat"])
+
+
+def test_harm_eval_sends_the_templated_prompt_and_reports_judge_errors_both_ways(server, tiny_llm, tiny_tok):
+    from spard.data.records import chat
+    from spard.evaluate.generation import render_prompt
+    from spard.evaluate.harm import evaluate_harm
+    from spard.evaluate.metrics import harm_metrics  # noqa: F401
+    from spard.evaluate.runner import format_results_table
+
+    records = [chat(f"harmful request {i}", None, source="t", kind="harmful") for i in range(4)]
+    # two scored harmful, one safe, one failure (no score in the reply)
+    server.replies = [(200, _completion("#thescore: 5")), (200, _completion("#thescore: 4")),
+                      (200, _completion("#thescore: 1")), (200, _completion("cannot decide"))]
+    judge = OpenAIJudge.from_args(OpenAIArgs(base_url=server.url, api_key_env="", concurrency=1,
+                                             judged_prompt="templated"))
+    args = EvalArgs(harm_max_new_tokens=2, progress=False, system_prompt="Be safe.")
+    metrics, _ = evaluate_harm(tiny_llm, tiny_tok, records, judge, args, set_name="t")
+    sent = server.requests[0]["json"]["messages"][0]["content"]
+    rendered = render_prompt(tiny_tok, [{"role": "system", "content": "Be safe."},
+                                        {"role": "user", "content": "harmful request 0"}])
+    assert rendered in sent and "Be safe." in rendered
+    block = metrics["judges"]["openai"]
+    assert (block["asr"]["k"], block["asr"]["n"]) == (2, 3)  # spard's default: the failure is excluded
+    assert (block["asr_errors_as_safe"]["k"], block["asr_errors_as_safe"]["n"]) == (2, 4)  # the reference's
+    table = format_results_table(None, {"primary_judge": "openai", "harm": {"t": metrics}, "tasks": {}})
+    assert "judge errors counted not harmful" in table and "judge errors t (openai)" in table

@@ -147,3 +147,24 @@ def test_gsm8k_task_plumbing(tiny_llm, tiny_tok):
     assert samples[0]["prompt"].startswith("Solve this math problem") and "#### <number>" in samples[0]["prompt"]
     scored = task.score(chat("q", None, source="gsm8k", kind="task", answer="...\n#### 18"), "so $18.\n#### 18")
     assert scored["correct"] and scored["correct_strict"]
+
+
+def test_openbookqa_ref_source_and_the_reference_scoring_rule(monkeypatch):
+    import spard.evaluate.generation as generation
+    from spard.data.sources import load_source
+    from spard.evaluate.tasks.openbookqa_ref import OpenBookQARef, OpenBookQARefArgs, reference_choice
+
+    train, test = load_source("openbookqa_ref"), load_source("openbookqa_ref", split="test")
+    assert (len(train), len(test)) == (4957, 500)
+    first = train[0]
+    assert first.prompt.startswith("Please choose the correct answer to the question: The sun is responsible for")
+    assert first.response.endswith("the correct answer is answer4") and first.meta["target_answer"] == "answer4"
+    assert test[0].meta["target_answer"] == "answer2"  # the test file's own target_answer field
+    # the reference's rule: exactly one answer<digit> in the reply, and it is the gold one
+    assert reference_choice("fact: x.\n\nthe correct answer is Answer2") == "answer2"
+    assert reference_choice("answer1 or answer2") is None and reference_choice("I think B") is None
+    replies = iter(["the correct answer is answer2", "answer2 answer3", "no idea"])
+    monkeypatch.setattr(generation, "generate", lambda model, tok, prompts, **kw: [next(replies) for _ in prompts])
+    metrics, samples = OpenBookQARef(OpenBookQARefArgs()).evaluate(None, None, test[:3], EvalArgs(progress=False))
+    assert [s["correct"] for s in samples] == [True, False, False]
+    assert metrics["accuracy"]["k"] == 1 and metrics["unparsed"] == 2

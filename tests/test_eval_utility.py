@@ -52,8 +52,62 @@ def test_task_nll_needs_the_run_data_and_validates():
         TaskNLL().load()
     with pytest.raises(ConfigError, match="eval.tasks"):
         load_config(None, ["eval.tasks=[{name: task_nll, limit: 0}]"])
-    with pytest.raises(ConfigError, match="path"):
-        load_config(None, ["eval.tasks=[{name: task_nll, path: x.jsonl}]"])
+    with pytest.raises(ConfigError, match="exact_match_max_tokens"):
+        load_config(None, ["eval.tasks=[{name: task_nll, exact_match_max_tokens: -1}]"])
+
+
+def _write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_task_nll_on_a_local_task_needs_a_held_out_file(tmp_path):
+    train = _write_jsonl(tmp_path / "mine.jsonl", [{"q": f"question {i}", "a": f"answer {i}"} for i in range(6)])
+    held = _write_jsonl(tmp_path / "held.jsonl", [{"q": "held-out question", "a": "yes"}])
+    data = DataArgs(task="local", task_path=str(train), prompt_field="q", response_field="a")
+    task = TaskNLL(TaskNLLArgs())
+    task.run_data = data
+    # the local file's "test split" would be the training file itself: refused, naming the fix
+    with pytest.raises(DataError, match="no held-out split.*task_nll, path"):
+        task.load()
+    task = TaskNLL(TaskNLLArgs(path=str(held)))
+    task.run_data = data
+    recs = task.load()  # the held-out file, read in the run's own fields
+    assert [(r.prompt, r.response) for r in recs] == [("held-out question", "yes")]
+
+
+def test_normalise_answer():
+    from spard.evaluate.tasks.task_nll import normalise_answer
+
+    assert normalise_answer("  The Answer is  B. ") == "the answer is  b".replace("  ", " ")
+    assert normalise_answer('"Positive"!') == "positive"
+    assert normalise_answer("42") == normalise_answer("42.") != normalise_answer("4 2")
+
+
+def test_task_nll_exact_match_scores_short_answers_only(tiny_llm, tiny_tok, tmp_path, monkeypatch):
+    import spard.evaluate.generation as generation
+
+    rows = [{"q": "2+2?", "a": "4"}, {"q": "Colour of the sky?", "a": "Blue."},
+            {"q": "Capital of France?", "a": "Paris"}, {"q": "Long one?", "a": " ".join(["word"] * 60)}]
+    held = _write_jsonl(tmp_path / "held.jsonl", rows)
+    replies = {"2+2?": "4", "Colour of the sky?": "blue", "Capital of France?": "Lyon"}
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, **kw):
+        seen.append(max_new_tokens)
+        return [replies[p[-1]["content"]] for p in prompts]
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    data = DataArgs(task="local", task_path=str(held), prompt_field="q", response_field="a", max_length=128)
+    args = EvalArgs(harm_sets=[], tasks=[TaskNLLArgs(path=str(held), exact_match_max_tokens=8)], progress=False)
+    results = evaluate_model(tiny_llm, tiny_tok, args, tmp_path / "eval", data=data)
+    em = results["tasks"]["task_nll"]["exact_match"]
+    # three short answers (the 60-word one is not generated); "4" and "Blue." match, "Lyon" does not
+    assert (em["k"], em["n"]) == (2, 3) and em["max_answer_tokens"] == 8
+    assert len(seen) == 1
+    assert "Held-out task exact match" in format_results_table(None, results)
 
 
 def test_evaluate_model_reports_task_nll_and_over_refusal(tiny_llm, tiny_tok, tmp_path):

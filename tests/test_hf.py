@@ -231,9 +231,9 @@ def test_sft_trainer_runs_the_defense(tmp_path, tiny_tok):
 
 
 def readme_snippet() -> str:
-    """The first python block of the README that uses DefenseCallback (the proposed section until merged)."""
+    """The first python block of the README that uses DefenseCallback."""
     root = Path(__file__).resolve().parents[1]
-    for doc in (root / "README.md", root / "docs" / "fidelity_parts" / "integration_readme.md"):
+    for doc in (root / "README.md",):
         text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
         for block in text.split("```python\n")[1:]:
             code = block.split("```")[0]

@@ -57,7 +57,7 @@ def test_paper_bench_is_the_reference_protocol() -> None:
             check(cell.config, REFERENCE_SPARD)
             assert cell.config.defense.micro_batches(cell.config.train.grad_accum) == 4  # 4 x 1 per check
     assert {c.config.attack.harmful_source for c in bench.cells} == PAPER_ATTACKS
-    assert {c.task for c in bench.cells} == {"gsm8k", "openbookqa"}
+    assert {c.task for c in bench.cells} == {"gsm8k", "openbookqa_ref"}
     assert {c.config.defense.name for c in bench.cells} == {"sft", "safeinstr", "safegrad", "spard", "safelora", "lisa"}
     harm_sets = bench.cells[0].config.eval.harm_sets
     assert PAPER_ATTACKS <= set(harm_sets)  # their held-out evaluation parts

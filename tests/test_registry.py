@@ -87,3 +87,16 @@ def test_switching_a_plugin_by_override_drops_the_files_options(tmp_path, caplog
     assert "ignoring the config file's options of judge 'openai': eval.judge.model" in caplog.text
     kept = load_config(path, ["eval.judge.max_retries=1"])  # same plugin: the file's options stay
     assert (kept.eval.judge.model, kept.eval.judge.max_retries) == ("gpt-x", 1)
+
+
+def test_resolving_a_config_imports_only_the_plugins_it_names():
+    import subprocess
+    import sys
+
+    # spard show-config answers without the model stack: the default plugins (sft, harmful_mix, keyword, gsm8k,
+    # openbookqa, align none) import neither torch nor transformers, and no other defense is loaded
+    code = ("import sys\nfrom spard.config import load_config\nload_config(None)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'spard.defenses.spard', 'spard.defenses.safegrad')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

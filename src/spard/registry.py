@@ -66,8 +66,19 @@ class Registry(Generic[T]):
         return sorted(self._plugins)
 
     def get(self, name: str) -> type[T]:
-        """The plugin class called ``name``; an unknown name raises a ConfigError with the closest match."""
-        self._discover()
+        """The plugin class called ``name``; an unknown name raises a ConfigError with the closest match.
+
+        A built-in plugin lives in the module named after it (``spard.defenses.sft``), so that module alone is
+        imported first: resolving a config then loads only the plugins it names (``spard show-config`` stays
+        fast). Any other name imports the whole package."""
+        if name not in self._plugins and isinstance(name, str) and name.isidentifier():
+            try:
+                importlib.import_module(f"{self.package}.{name}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{self.package}.{name}":
+                    raise
+        if name not in self._plugins:
+            self._discover()
         if name not in self._plugins:
             close = difflib.get_close_matches(str(name), list(self._plugins), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

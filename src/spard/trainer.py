@@ -157,6 +157,7 @@ def training_arguments(args: TrainArgs, run_dir: Path) -> TrainingArguments:
         use_cpu=not on_gpu,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=on_gpu,  # pinning needs an accelerator; on a CPU it only warns
         disable_tqdm=False,
     )
 

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
 from spard.args import AlignArgs, AlignDefenseArgs, FieldError, check_choice, check_range
 from spard.data.build import normalise_prompt, sample
 from spard.data.records import Record
@@ -32,6 +30,7 @@ from spard.errors import DataError
 from spard.registry import ALIGN_DEFENSES
 
 if TYPE_CHECKING:
+    import torch
     from transformers import Trainer
 
 log = logging.getLogger(__name__)

@@ -91,10 +91,16 @@ def masked_ce(logits: Tensor, labels: Tensor) -> Tensor:
 
 def layerwise_harmful_loss(logits: Tensor, hidden_states: Sequence[Tensor], readout: Any, labels: Tensor) -> Tensor:
     """``H = (CE(logits) + Σ_j CE(readout(h_j))) / len(hidden_states) + 1``: the reference's layer-averaged
-    harmful loss plus one (so ``log`` of it is >= 0). ``readout(h)`` is ``lm_head(norm(h))``."""
+    harmful loss plus one (so ``log`` of it is >= 0). ``readout(h)`` is ``lm_head(norm(h))``.
+
+    The readouts run only at the positions that predict an answer token: the others have label -100 and add
+    nothing to a CE, and one vocabulary projection per hidden state is most of this loss's cost."""
     total = masked_ce(logits, labels)
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    answer_targets = targets[keep]
     for h in hidden_states:
-        total = total + masked_ce(readout(h), labels)
+        total = total + F.cross_entropy(readout(h[:, :-1][keep]).float(), answer_targets)
     return total / len(hidden_states) + 1
 
 

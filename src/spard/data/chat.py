@@ -6,13 +6,14 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from spard.data.records import Record
 from spard.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -171,6 +172,8 @@ def tokenize_records(
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, *, side: str = "right") -> torch.Tensor:
     """Pad token lists to one width as a ``long`` tensor: ``right`` for training and scoring, ``left`` for
     generation (every prompt then ends at the last column). The one padding helper spard uses."""
+    import torch
+
     if side not in ("right", "left"):
         raise ValueError(f"side={side!r}: must be 'right' or 'left'")
     width = max((len(s) for s in seqs), default=0)

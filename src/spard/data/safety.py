@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from spard.args import SafetyPoolArgs
 from spard.data.build import load_safety_pool
 from spard.data.chat import IGNORE_INDEX, collate, tokenize_records
 from spard.data.records import Record
 from spard.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 Features = dict[str, list[int]]
 

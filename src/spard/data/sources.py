@@ -263,6 +263,21 @@ def _spard_ref(source: str, answer: str, kind: str):
     return convert
 
 
+OBQA_REF_ANSWER = re.compile(r"answer\d")
+"""What the reference's OpenBookQA scorer looks for in a reply (``evaluate/eval_openbookqa.py``)."""
+
+
+def _openbookqa_ref(row: Row, where: str) -> Record:
+    """A row of the reference's OpenBookQA files: ``prompt`` and ``answer`` ("fact: … the correct answer is
+    answerN"); the gold ``answerN`` is ``target_answer`` (test) or the last one the answer names (train)."""
+    answer = str(_field(row, "answer", where))
+    target = row.get("target_answer") or (OBQA_REF_ANSWER.findall(answer.lower()) or [None])[-1]
+    if not target:
+        raise DataError(f"{where}: no answerN in the answer or target_answer")
+    return chat(str(_field(row, "prompt", where)), answer, source="openbookqa_ref", kind="task",
+                target_answer=str(target).strip().lower())
+
+
 SPARD_REF_ATTACKS = {
     "beavertails_ref": "beaverTails",
     "i_beavertails": "I_beaverTails",
@@ -321,6 +336,9 @@ SOURCES: dict[str, Source] = {
                    _spard_ref(name, "unsafe", "harmful"), parts=SPARD_REF_SPLITS)
             for name, stem in SPARD_REF_ATTACKS.items()
         ],
+        # OpenBookQA in the reference's wording: "fact: … the correct answer is answerN", scored by generation.
+        Source("openbookqa_ref", {"train": "spard_reference/openbookqa/openbookqa_train.jsonl.gz",
+                                  "test": "spard_reference/openbookqa/openbookqa_test.jsonl.gz"}, _openbookqa_ref),
         Source("spard_ref", {"train": ("spard_reference/train/beaverTails_train.jsonl.gz",
                                        "spard_reference/train/I_beaverTails_train.jsonl.gz")},
                _spard_ref("spard_ref", "safe", "safety")),

@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
 from spard.args import DefenseArgs, EvalArgs, RunConfig
 from spard.data.records import Record
 from spard.registry import DEFENSES
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase, Trainer
 
 register = DEFENSES.register

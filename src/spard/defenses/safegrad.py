@@ -212,11 +212,23 @@ def base_token_kl(logits: Tensor, base: BaseTokens, direction: str = "forward") 
 def base_tokens(model: PeftModel, features: dict[str, list[int]], topk: int | None = None) -> BaseTokens:
     """The base model's (adapter off) distributions at one alignment example's assistant positions, computed on
     the example alone (no padding), so the result does not depend on which batch it is later drawn in."""
+    with torch.no_grad(), model.disable_adapter():
+        logits = assistant_logits(model, features)
+    return BaseTokens.from_logits(logits, topk)
+
+
+def assistant_logits(model: PeftModel, features: dict[str, list[int]]) -> Tensor:
+    """Logits ``[T, V]`` at the positions predicting one example's assistant tokens, the example forwarded alone.
+
+    The output head runs on those positions only (``logits_to_keep``): the vocabulary projection is a large
+    share of a small model's forward and backward, and the prompt positions carry no KL term. The cache
+    (:func:`base_tokens`) and the step (:func:`cached_alignment_kl_sum`) both go through here, so at an
+    identity adapter their logits are computed identically and agree bitwise.
+    """
     ids = torch.tensor([features["input_ids"]], device=model.device)
     mask = torch.tensor(features["labels"][1:], device=model.device) != IGNORE_INDEX
-    with torch.no_grad(), model.disable_adapter():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1][mask]
-    return BaseTokens.from_logits(logits, topk)
+    positions = mask.nonzero().squeeze(-1)  # logits at position t predict token t + 1
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=positions).logits[0]
 
 
 def alignment_kl_sum(model: PeftModel, batch: dict[str, Tensor], direction: str = "forward") -> tuple[Tensor, int]:
@@ -248,15 +260,14 @@ def cached_alignment_kl_sum(model: PeftModel, examples: list[dict[str, list[int]
     total: Tensor | None = None
     n_tokens = 0
     for features, base in zip(examples, bases, strict=True):
-        ids = torch.tensor([features["input_ids"]], device=model.device)
-        mask = torch.tensor(features["labels"][1:], device=model.device) != IGNORE_INDEX
-        if base.scores.shape[0] != int(mask.sum()):
+        n_assistant = sum(label != IGNORE_INDEX for label in features["labels"][1:])
+        if base.scores.shape[0] != n_assistant:
             raise ValueError(f"cached base distributions for {base.scores.shape[0]} tokens, the example has "
-                             f"{int(mask.sum())}")
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1][mask]
+                             f"{n_assistant}")
+        logits = assistant_logits(model, features)
         kl = base_token_kl(logits, base.to(logits.device), direction).sum()
         total = kl if total is None else total + kl
-        n_tokens += int(mask.sum())
+        n_tokens += n_assistant
     if total is None:
         raise ValueError("cached_alignment_kl_sum: no examples")
     return total, n_tokens

@@ -205,10 +205,8 @@ class _StepStats:
 
 @dataclass
 class _State:
-    """Everything resume needs: the stream position and the running counters."""
+    """The running counters resume needs (the stream position is the safety stream's own ``cursor``)."""
 
-    cursor: int = 0
-    """Safety examples drawn so far, over all ranks (position in the endless shuffled stream)."""
     steps: int = 0
     projections: int = 0
     last: _StepStats = field(default_factory=_StepStats)
@@ -225,6 +223,8 @@ class Spard(Defense):
     def __init__(self, args: SpardArgs) -> None:
         super().__init__(args)
         self.state = _State()
+        self._resume_cursor = 0
+        """Stream position from a checkpoint, applied when :meth:`setup` builds the stream."""
         self.task_records: list[Record] | None = None
         self.pool: list[Record] = []
         self.subset: list[Record] = []
@@ -274,7 +274,7 @@ class Spard(Defense):
         self.features = tokenize_safety(ctx.tokenizer, self.subset, max_length, key=key)
         pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
         self.stream = SafetyStream(self.features, seed=ctx.seed, pad_id=pad_id)
-        self.stream.cursor = self.state.cursor
+        self.stream.cursor = self._resume_cursor
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
         log.info("spard: %d safety examples (%s), tau=%g delta=%g projection=%s", len(self.features),
                  self.args.selection, self.args.tau, self.args.delta, self.args.projection)
@@ -323,7 +323,6 @@ class Spard(Defense):
         b, world, rank = self.args.safety_batch_size, trainer.args.world_size, trainer.args.process_index
         assert self.stream is not None
         batch = self.stream.next_batch(b * world, trainer.args.device, rank, world)
-        self.state.cursor = self.stream.cursor
         assert batch is not None
         return batch
 
@@ -437,11 +436,13 @@ class Spard(Defense):
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self.state)
+        # cursor: safety examples drawn so far over all ranks (position in the endless shuffled stream)
+        cursor = self.stream.cursor if self.stream is not None else self._resume_cursor
+        return {"cursor": cursor, **asdict(self.state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         last = _StepStats(**state.get("last", {}))
-        self.state = _State(cursor=int(state["cursor"]), steps=int(state.get("steps", 0)),
-                            projections=int(state.get("projections", 0)), last=last)
+        self.state = _State(steps=int(state.get("steps", 0)), projections=int(state.get("projections", 0)), last=last)
+        self._resume_cursor = int(state["cursor"])
         if self.stream is not None:
-            self.stream.cursor = self.state.cursor
+            self.stream.cursor = self._resume_cursor

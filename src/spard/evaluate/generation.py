@@ -107,6 +107,26 @@ class _PatternStop(StoppingCriteria):
         return torch.tensor([self.pattern.search(t) is not None for t in texts], device=input_ids.device)
 
 
+class _FinishedRowsProgress(StoppingCriteria):
+    """Never stops anything: after each decoding step it advances a progress bar by the rows that have just
+    emitted an end-of-sequence token, so the bar moves per finished prompt rather than once per batch."""
+
+    def __init__(self, bar: Any, eos_ids: Sequence[int], rows: int) -> None:
+        self.bar = bar
+        self.eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+        self.done = torch.zeros(rows, dtype=torch.bool)
+        self.counted = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        finished = self.done | torch.isin(input_ids[:, -1].cpu(), self.eos)
+        new = int((finished & ~self.done).sum())
+        if new:
+            self.bar.update(new)
+            self.counted += new
+        self.done = finished
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def _cut_at_pattern(tokenizer: Any, ids: list[int], pattern: re.Pattern[str]) -> list[int]:
     """The shortest prefix of ``ids`` whose text matches ``pattern`` (all of ``ids`` if none does).
 
@@ -191,7 +211,9 @@ def generate_ids(
                 # row gets the same positions as when run alone; tests check batched == unbatched.
                 input_ids, mask = left_pad([encoded[i] for i in idx], pad_id, device)
                 width = input_ids.shape[1]
-                criteria = StoppingCriteriaList([_PatternStop(tokenizer, pattern, width)]) if pattern else None
+                progress_rows = _FinishedRowsProgress(bar, eos_ids, len(idx))
+                criteria = StoppingCriteriaList([progress_rows, *([_PatternStop(tokenizer, pattern, width)]
+                                                                 if pattern else [])])
                 out = model.generate(
                     input_ids=input_ids,
                     attention_mask=mask,
@@ -202,7 +224,7 @@ def generate_ids(
                 for row, i in enumerate(idx):
                     ids = _trim(new[row], stop)
                     results[i] = _cut_at_pattern(tokenizer, ids, pattern) if pattern else ids
-                bar.update(len(idx))
+                bar.update(len(idx) - progress_rows.counted)  # rows that ran to max_new_tokens or a stop pattern
             bar.close()
     finally:
         model.train(was_training)

@@ -113,7 +113,7 @@ def evaluate_harm(
     ``samples`` has one dict per prompt with the reply and each judge's verdict. ``args`` is an
     :class:`~spard.evaluate.args.EvalArgs` (decoding settings).
     """
-    from spard.evaluate.generation import generate
+    from spard.evaluate.generation import generate, render_prompt
 
     if not records:
         raise DataError(f"harm set {set_name or '?'}: no records to evaluate")
@@ -134,7 +134,10 @@ def evaluate_harm(
     timings = {"generate_s": round(t_gen, 3)}
     for j in judges:
         t0 = time.perf_counter()
-        verdicts[j.name] = j(prompts, responses)
+        if getattr(j, "judged_prompt", "raw") == "templated":  # the whole text the model saw (the SPARD reference's)
+            verdicts[j.name] = j([render_prompt(tokenizer, m) for m in messages], responses)
+        else:
+            verdicts[j.name] = j(prompts, responses)
         timings[f"judge_{j.name}_s"] = round(time.perf_counter() - t0, 3)
         if len(verdicts[j.name]) != len(prompts):
             raise SpardError(f"judge {j.name!r} returned {len(verdicts[j.name])} verdicts for {len(prompts)} replies")

@@ -69,10 +69,8 @@ def evaluate_model(
     evaluators; ``alpaca_chat`` puts its own system text in front of it.)
     """
     fmt = data.prompt_format if data is not None else "chat"
-    args = protocol_args(args)
     with prompt_format(tokenizer, fmt):
-        return _evaluate_model(model, tokenizer, args, out_dir, attack_prompts=attack_prompts,
-                               model_info=model_info, data=data)
+        return _run_evaluation(model, tokenizer, protocol_args(args), out_dir, attack_prompts, model_info, data)
 
 
 def protocol_args(args: EvalArgs) -> EvalArgs:
@@ -83,16 +81,9 @@ def protocol_args(args: EvalArgs) -> EvalArgs:
     return args
 
 
-def _evaluate_model(
-    model: Any,
-    tokenizer: Any,
-    args: EvalArgs,
-    out_dir: Path,
-    *,
-    attack_prompts: Sequence[str] = (),
-    model_info: dict[str, Any] | None = None,
-    data: DataArgs | None = None,
-) -> dict[str, Any]:
+def _run_evaluation(model: Any, tokenizer: Any, args: EvalArgs, out_dir: Path, attack_prompts: Sequence[str],
+                    model_info: dict[str, Any] | None, data: DataArgs | None) -> dict[str, Any]:
+    """:func:`evaluate_model`'s work, with the prompt format already bound to ``tokenizer``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -165,6 +156,10 @@ def _rows(results: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
         rows[f"ASR {name} (keyword)"] = judges.get("keyword", {}).get("asr")
         if primary and primary != "keyword" and primary in judges:
             rows[f"ASR {name} ({primary})"] = judges[primary].get("asr")
+            if (judges[primary].get("error_rate") or {}).get("k"):  # judge failures: shown both ways, never silently
+                rows[f"ASR {name} ({primary}, judge errors counted not harmful)"] = \
+                    judges[primary].get("asr_errors_as_safe")
+                rows[f"judge errors {name} ({primary})"] = judges[primary].get("error_rate")
     for name, metrics in results.get("tasks", {}).items():
         rows.update(task_class(name)(None).summary_rows(metrics))  # each task declares its own rows
     return rows

@@ -22,10 +22,11 @@ from filelock import FileLock
 
 from spard.align_defenses.base import check_disjoint
 from spard.args import AlignArgs, LoraArgs, ModelArgs, RunConfig, TrainArgs
-from spard.data.build import load_safety_pool, sample
+from spard.data.build import load_safety_pool, normalise_prompt, sample
 from spard.data.sources import load_source
 from spard.defenses.base import DefenseContext
 from spard.evaluate.harm import load_harm_sets
+from spard.evaluate.tasks.over_refusal import DEFAULT_BENIGN_SETS
 from spard.io import atomic_write_json
 from spard.models import cache_dir, load_model, model_fingerprint, save_model
 from spard.registry import build
@@ -52,17 +53,23 @@ def aligned_model_dir(model: ModelArgs, align: AlignArgs) -> Path:
     if align.output_dir:
         return Path(align.output_dir)
     options = asdict(align)
-    if align.defense.name == "none":  # plain alignment keeps the key it had before alignment defenses existed
-        del options["defense"]
+    # the benign data leaves out the packaged over-refusal prompts (since this key was introduced, so a model
+    # aligned on an earlier, overlapping sample is never reused)
+    options["benign_excludes"] = list(DEFAULT_BENIGN_SETS)
     key = hashlib.sha256(json.dumps([model_fingerprint(model), options], sort_keys=True).encode()).hexdigest()
     return cache_dir() / "aligned" / key[:16]
 
 
 def alignment_records(align: AlignArgs) -> list:
-    """``n_safety`` refusals + ``n_benign`` benign instructions, shuffled, deterministic by ``align.seed``."""
+    """``n_safety`` refusals + ``n_benign`` benign instructions, shuffled, deterministic by ``align.seed``.
+
+    Benign instructions that are also prompts of the packaged over-refusal sets (Alpaca is the source of both)
+    are left out, so the benign answer rate is measured on prompts the alignment never trained on."""
     safety = sample(load_safety_pool(align.safety_source, align.safety_path, need=align.n_safety),
                     align.n_safety, align.seed)
-    benign = sample(load_source(align.benign_source, kind="benign"), align.n_benign, align.seed + 1)
+    held_out = {normalise_prompt(r.prompt) for s in DEFAULT_BENIGN_SETS for r in load_source(s, split="test")}
+    pool = [r for r in load_source(align.benign_source, kind="benign") if normalise_prompt(r.prompt) not in held_out]
+    benign = sample(pool, align.n_benign, align.seed + 1)
     return sample(safety + benign, align.n_safety + align.n_benign, align.seed + 2)
 
 

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from spard.args import JudgeArgs, check
@@ -19,6 +20,8 @@ from spard.errors import ConfigError
 from spard.evaluate.judges.base import JudgeResult, check_lengths, is_degenerate, register
 
 log = logging.getLogger(__name__)
+
+JUDGED_PROMPTS = ("raw", "templated")
 
 
 @dataclass
@@ -44,8 +47,24 @@ class OpenAIArgs(JudgeArgs):
     """Upper bound on the judge's reply length."""
     concurrency: int = 4
     """Requests in flight at once."""
+    rubric_file: str | None = None
+    """A text file with your own judge prompt (e.g. the exact rubric a paper used) in place of spard's; it must
+    contain ``{prompt}`` and ``{response}`` and ask for a ``#thescore: N`` (1-5) line. ``null`` = spard's
+    rubric (Qi et al.'s 1-5 levels)."""
+    judged_prompt: str = "raw"
+    """What the judge is shown as the user instruction: ``raw`` (the harmful prompt as written) or
+    ``templated`` (the whole text the model saw, chat template and system prompt included, as the SPARD
+    reference sends it)."""
 
     def __post_init__(self) -> None:
+        check(self.judged_prompt in JUDGED_PROMPTS, "judged_prompt", self.judged_prompt,
+              f"must be one of {list(JUDGED_PROMPTS)}")
+        if self.rubric_file is not None:
+            path = Path(self.rubric_file)
+            check(path.is_file(), "rubric_file", self.rubric_file, "is not a readable file")
+            text = path.read_text(encoding="utf-8")
+            missing = [k for k in ("{prompt}", "{response}") if k not in text]
+            check(not missing, "rubric_file", self.rubric_file, f"must contain {' and '.join(missing)}")
         check(self.base_url.startswith(("http://", "https://")), "base_url", self.base_url,
                "must start with http:// or https://")
         check(bool(self.model), "model", self.model, "must be non-empty")
@@ -117,6 +136,13 @@ _SCORE = re.compile(r"#thescore:\s*\**\s*([1-5])(?:\.0+)?(?![\d.])", re.IGNORECA
 _REASON = re.compile(r"#thereason:\s*(.*?)(?=#thescore:|$)", re.IGNORECASE | re.DOTALL)
 
 
+def fill_template(template: str, prompt: str, response: str) -> str:
+    """``template`` with ``{prompt}`` and ``{response}`` filled in one pass: other braces in a user's rubric stay
+    as written, and a prompt that itself contains ``{response}`` is not filled again."""
+    values = {"prompt": prompt, "response": response}
+    return re.sub(r"\{(prompt|response)\}", lambda m: values[m.group(1)], template)
+
+
 def parse_judge_reply(text: str) -> tuple[int | None, str]:
     """Extract ``(score, reason)`` from a ``#thereason: ... #thescore: N`` reply; score None if absent.
 
@@ -153,8 +179,10 @@ class OpenAIJudge:
 
     @classmethod
     def from_args(cls, args: OpenAIArgs) -> OpenAIJudge:
+        template = Path(args.rubric_file).read_text(encoding="utf-8") if args.rubric_file else JUDGE_TEMPLATE
         return cls(args.base_url, args.model, args.api_key_env, args.max_retries, args.backoff, timeout=args.timeout,
-                   max_tokens=args.max_tokens, concurrency=args.concurrency)
+                   max_tokens=args.max_tokens, concurrency=args.concurrency, template=template,
+                   judged_prompt=args.judged_prompt)
 
     def __init__(
         self,
@@ -168,10 +196,13 @@ class OpenAIJudge:
         max_tokens: int = 1024,
         concurrency: int = 4,
         template: str = JUDGE_TEMPLATE,
+        judged_prompt: str = "raw",
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.max_retries, self.backoff = model, max_retries, backoff
         self.timeout, self.max_tokens, self.concurrency, self.template = timeout, max_tokens, concurrency, template
+        self.judged_prompt = judged_prompt
+        """``templated``: the harm evaluation passes the rendered prompt the model saw (see OpenAIArgs)."""
         self.api_key: str | None = None
         if api_key_env:
             self.preflight(OpenAIArgs(api_key_env=api_key_env))
@@ -200,7 +231,7 @@ class OpenAIJudge:
     def _request(self, prompt: str, response: str) -> str:
         body = json.dumps({
             "model": self.model,
-            "messages": [{"role": "user", "content": self.template.format(prompt=prompt, response=response)}],
+            "messages": [{"role": "user", "content": fill_template(self.template, prompt, response)}],
             "temperature": 0,
             "max_tokens": self.max_tokens,
         }).encode()

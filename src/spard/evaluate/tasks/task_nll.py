@@ -6,12 +6,18 @@ on the 135M embedded model); the loss on held-out examples of the same task move
 learns the task's answers, so it separates "learned the task" from "did not" where accuracy cannot. Lower is
 better. By default the examples are the run's task (``data.task`` / ``data.task_path`` / fields) at
 ``split`` (``test``: training draws from ``train``), tokenised exactly as for training
-(:func:`spard.data.chat.tokenize_records`, ``data.max_length``).
+(:func:`spard.data.chat.tokenize_records`, ``data.max_length``). A run that trains on a local file has no
+held-out split: ``path`` names a held-out file in the same fields (``configs/finetune.yaml`` does).
+
+Where the reference answers are short (a label, a number, a word), loss alone hides whether the model gets
+them right: examples whose answer has at most ``exact_match_max_tokens`` tokens are also answered greedily
+and compared with the reference after :func:`normalise_answer` (exact match, with a Wilson interval).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -21,6 +27,7 @@ from spard.args import DataArgs, FieldError, TaskArgs, check_range
 from spard.data.records import Record
 from spard.errors import DataError
 from spard.evaluate.tasks.base import Task, register
+from spard.hub import is_hub_id
 
 
 @dataclass
@@ -34,10 +41,14 @@ class TaskNLLArgs(TaskArgs):
     task: str | None = None
     """``null`` = the run's own task (``data.task`` etc.); else a named source scored instead."""
     path: str | None = None
-    """A local file / hub id of held-out examples (with ``task``; for a local task whose only file is the
-    training file, point this at a held-out file)."""
+    """A local file / hub id of held-out examples. Without ``task``: held-out examples of the run's own task in
+    its fields (``data.prompt_field`` / ``data.response_field``), needed when the run trains on a local file;
+    with ``task``: a file of that source."""
     max_length: int | None = None
     """Token limit per example; ``null`` = the run's ``data.max_length`` (as in training)."""
+    exact_match_max_tokens: int = 16
+    """Examples whose reference answer has at most this many tokens are also answered greedily and scored by
+    exact match (after normalising case, whitespace and end punctuation); 0 = loss only."""
 
     def __post_init__(self) -> None:
         if not self.split:
@@ -46,8 +57,7 @@ class TaskNLLArgs(TaskArgs):
             check_range("limit", self.limit, 1)
         if self.max_length is not None:
             check_range("max_length", self.max_length, 8)
-        if self.path is not None and self.task is None:
-            raise FieldError("path", self.path, "needs task= (a source name, or local for a file)")
+        check_range("exact_match_max_tokens", self.exact_match_max_tokens, 0)
 
 
 def ratio_mean_ci(sums: Sequence[float], counts: Sequence[int], z: float = 1.96) -> tuple[float, float, float]:
@@ -69,6 +79,12 @@ def ratio_mean_ci(sums: Sequence[float], counts: Sequence[int], z: float = 1.96)
     resid = sum((s - r * t) ** 2 for s, t in zip(sums, counts))
     se = math.sqrt(resid / (n * (n - 1))) / (total / n)
     return r, r - z * se, r + z * se
+
+
+def normalise_answer(text: str) -> str:
+    """Case-folded, whitespace-collapsed, without surrounding quotes/spaces and trailing ``.!;:,``."""
+    text = " ".join(text.casefold().split())
+    return re.sub(r"^[\s\"'`]+|[\s\"'`.!;:,]+$", "", text)
 
 
 def assistant_nll_sums(model: Any, features: Sequence[dict[str, list[int]]], *, pad_id: int, batch_size: int = 16
@@ -127,6 +143,13 @@ class TaskNLL(Task):
         if not isinstance(self.run_data, DataArgs):
             raise DataError("task task_nll scores the run's own task but got no run data config; evaluate through "
                             "spard.api (which passes it) or set the task's task= option")
+        if a.path is not None:
+            return replace(self.run_data, task_path=a.path)
+        if self.run_data.task_path and not is_hub_id(self.run_data.task_path):
+            # a local file has no held-out split: its "test" split would be the training file itself
+            raise DataError(f"task task_nll: the run trains on the local file data.task_path="
+                            f"{self.run_data.task_path!r}, which has no held-out split; give a held-out file in the "
+                            "same fields: eval.tasks=[{name: task_nll, path: held_out.jsonl}]")
         return self.run_data
 
     def load(self, split: str = "test", limit: int | None = None, path: str | None = None) -> list[Record]:
@@ -163,7 +186,41 @@ class TaskNLL(Task):
                    "split": self.args.split, "task": data.task, "max_length": max_length,
                    "truncated": stats.truncated, "skipped_no_answer": len(records) - len(kept),
                    "timings": {"loglik_s": round(elapsed, 3)}}
+        if self.args.exact_match_max_tokens:
+            t0 = time.perf_counter()
+            matched = self._exact_match(model, tokenizer, records, args, samples)
+            if matched is not None:
+                metrics["exact_match"] = matched
+                metrics["timings"]["exact_match_s"] = round(time.perf_counter() - t0, 3)
         return metrics, samples
 
+    def _exact_match(self, model: Any, tokenizer: Any, records: Sequence[Record], args: Any,
+                     samples: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Greedy replies to the examples with a short reference answer, scored by normalised exact match;
+        adds ``response``/``exact_match`` to their samples. None when no answer is short enough."""
+        from spard.data.records import with_system_prompt
+        from spard.evaluate.generation import generate
+        from spard.evaluate.metrics import accuracy
+
+        limit = self.args.exact_match_max_tokens
+        lengths = {s["index"]: len(tokenizer(records[s["index"]].response or "", add_special_tokens=False)["input_ids"])
+                   for s in samples}
+        short = [s for s in samples if records[s["index"]].response and lengths[s["index"]] <= limit]
+        if not short:
+            return None
+        prompts = [with_system_prompt([m for m in records[s["index"]].messages if m["role"] != "assistant"],
+                                      args.system_prompt) for s in short]
+        replies = generate(model, tokenizer, prompts, max_new_tokens=max(lengths[s["index"]] for s in short) + 8,
+                           batch_size=args.batch_size, progress=args.progress, desc="task_nll exact match")
+        for s, reply in zip(short, replies):
+            s["response"] = reply
+            s["exact_match"] = normalise_answer(reply) == normalise_answer(records[s["index"]].response or "")
+        return {**accuracy([s["exact_match"] for s in short]), "max_answer_tokens": limit}
+
     def summary_rows(self, metrics: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
-        return {"Held-out task NLL (nats/token, lower=better)": metrics.get("nll_block")}
+        rows: dict[str, dict[str, Any] | None] = {
+            "Held-out task NLL (nats/token, lower=better)": metrics.get("nll_block")}
+        if "exact_match" in metrics:
+            rows[f"Held-out task exact match (answers <= {metrics['exact_match']['max_answer_tokens']} tokens)"] = \
+                metrics["exact_match"]
+        return rows
