@@ -28,7 +28,7 @@ PINNED = {
     "spard": [8.786017, 8.779809, 8.776681, 8.775917],  # the reference rule, through the shared AdamW
     "ptst": [8.786017, 8.786733, 8.812713, 8.771778],  # = sft: GSM8K records carry no system turn to remove
 }
-OPTIONS = {"spard-halfspace": ("defense.name=spard", "defense.projection=halfspace")}
+OPTIONS = {"spard-halfspace": ("defense.name=spard", "defense.projection=halfspace", "defense.max_step=null")}
 
 
 @pytest.mark.parametrize("defense", sorted(PINNED))

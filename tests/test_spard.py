@@ -149,7 +149,7 @@ def test_config_defaults_and_validation() -> None:
     a = cfg.defense
     assert isinstance(a, SpardArgs)
     assert (a.selection, a.safety_fraction, a.safety_k, a.beta, a.embedder) == ("dpp", 0.03, None, 4.0, "base")
-    assert (a.tau, a.delta, a.projection, a.max_step, a.alpha_max) == (0.2, 0.1, "reference", None, 1.0)
+    assert (a.tau, a.delta, a.projection, a.max_step, a.alpha_max) == (0.2, 0.1, "reference", 0.25, 1.0)
     assert (a.safety_micro_batches, a.safety_dropout, a.dropout_on, a.micro_batches(4)) == (None, None, True, 4)
     hs = load_config(None, ["defense.name=spard", "defense.projection=halfspace"]).defense
     assert (hs.dropout_on, hs.micro_batches(4)) == (False, 1)
@@ -270,7 +270,7 @@ def test_spard_holds_safety_loss_near_tau_while_sft_drifts(tmp_path, tiny_tok) -
               "train.max_steps=15", "train.lr=5e-3", "lora.r=4", "lora.dropout=0", "attack.harmful_ratio=1.0"]
     spard_opts = ["defense.name=spard", "defense.safety_source=local", f"defense.safety_path={pool_file}",
                   "defense.safety_k=4", "defense.selection=random", "defense.safety_batch_size=4",
-                  "defense.projection=halfspace"]  # the assertions below are about landing at tau
+                  "defense.projection=halfspace", "defense.max_step=null"]  # the assertions: landing at tau
     final = {}
     for name, opts in [("sft", ["defense.name=sft"]), ("spard", spard_opts)]:
         model = copy.deepcopy(aligned)  # train() adds the LoRA adapter in place: `model` ends up fine-tuned

@@ -92,8 +92,10 @@ class SpardArgs(SafetyPoolArgs):
     ``min((L_s - tau) / (‖g_p‖ + 1e-8), alpha_max)``, then a step of the run's own AdamW (shared moments, current
     LR). ``halfspace``: the exact first-order projection onto ``{L_s ≤ tau}`` over all trainable parameters,
     applied directly (capped by ``max_step``)."""
-    max_step: float | None = None
-    """``halfspace``: cap on the norm of one projection step (a trust region); null = uncapped."""
+    max_step: float | None = 0.25
+    """``halfspace``: cap on the L2 norm of one projection step over the trainable (LoRA) parameters, a trust
+    region; null = uncapped. 0.25 was chosen by the trust-region study on the embedded model
+    (``configs/bench/trust_region.yaml``, docs/fidelity.md); the scale depends on the model and adapter size."""
     alpha_max: float = 1.0
     """``reference``: cap on the per-tensor gradient scale (reference default 1)."""
     safety_batch_size: int = 1
