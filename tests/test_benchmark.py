@@ -185,19 +185,29 @@ def test_shipped_bench_configs_load():
     smoke, embedded, paper = (load_bench(f"configs/bench/{n}.yaml") for n in ("smoke", "embedded", "paper"))
     assert [c.name for c in smoke.cells] == ["sft__bt__p0__s0", "safeinstr__bt__p0__s0", "sft__bt__p0.3__s0",
                                              "safeinstr__bt__p0.3__s0"]
-    assert {c.config.defense.name for c in embedded.cells} == {"sft", "safeinstr", "safegrad", "spard", "safelora",
-                                                               "lisa"}
-    # (6 defenses + 3 alignment-defense rows) x (shared p=0 run + 2 sources x 2 ratios + identity shift) x 2 seeds
-    assert {c.ratio for c in embedded.cells} == {0.0, 0.1, 0.3, None} and len(embedded.cells) == 9 * 6 * 2
+    assert {c.config.defense.name for c in embedded.cells} == {"sft", "safeinstr", "safegrad", "spard", "ptst",
+                                                               "safelora", "lisa"}
+    # 11 rows (8 fine-tuning defenses incl. both SPAG rules + 3 alignment-defense rows) x the paper's 4 attacks
+    assert {c.defense for c in embedded.cells} >= {"spard", "spard-hs", "vaccine", "booster", "repnoise"}
+    assert {c.ratio for c in embedded.cells} == {0.1} and len(embedded.cells) == 11 * 4
+    assert {c.config.attack.harmful_source for c in embedded.cells} == {"beavertails_ref", "i_beavertails",
+                                                                        "latharmful", "q_latharmful"}
     assert {c.config.align.defense.name for c in embedded.cells} == {"none", "vaccine", "booster", "repnoise"}
-    assert {c.seed for c in embedded.cells} == {0, 1}
-    assert len({c.config.attack.harmful_source for c in embedded.cells if c.ratio}) == 2
+    hs = {c.config.defense.max_step for c in embedded.cells if c.defense == "spard-hs"}
+    assert hs == {0.25} and {c.config.defense.projection for c in embedded.cells if c.defense == "spard"} == {
+        "reference"}
+    assert {c.seed for c in embedded.cells} == {0}
+    study = load_bench("configs/bench/trust_region.yaml")
+    assert [c.config.defense.max_step for c in study.cells] == [None, 1.0, 0.25, 0.05]
+    # the study's cells are the embedded bench's spard-hs cell but for max_step
+    same = next(c for c in embedded.cells if c.defense == "spard-hs" and c.attack == "bt_ref").config
+    assert dataclasses.replace(study.cells[2].config, train=same.train) == same
     cfg = paper.cells[0].config
     assert (cfg.model.name_or_path, cfg.lora.r, cfg.lora.alpha, cfg.train.lr, cfg.train.epochs) == (
         "Qwen/Qwen2.5-7B-Instruct", 32, 8, 5e-5, 10.0)
     assert cfg.train.batch_size * cfg.train.grad_accum == 128 and cfg.data.max_length == 2048
     assert cfg.eval.judge.name == "openai" and cfg.eval.judge.model == "gpt-4o-mini" and cfg.attack.harmful_ratio == 0.1
-    assert {c.task for c in paper.cells} == {"gsm8k", "openbookqa"}
+    assert {c.task for c in paper.cells} == {"gsm8k", "openbookqa_ref"}
 
 
 # ---------------------------------------------------------------------------------------------------------
