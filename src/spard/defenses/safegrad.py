@@ -260,11 +260,11 @@ def cached_alignment_kl_sum(model: PeftModel, examples: list[dict[str, list[int]
     total: Tensor | None = None
     n_tokens = 0
     for features, base in zip(examples, bases, strict=True):
-        n_assistant = sum(label != IGNORE_INDEX for label in features["labels"][1:])
+        logits = assistant_logits(model, features)
+        n_assistant = logits.shape[0]
         if base.scores.shape[0] != n_assistant:
             raise ValueError(f"cached base distributions for {base.scores.shape[0]} tokens, the example has "
                              f"{n_assistant}")
-        logits = assistant_logits(model, features)
         kl = base_token_kl(logits, base.to(logits.device), direction).sum()
         total = kl if total is None else total + kl
         n_tokens += n_assistant

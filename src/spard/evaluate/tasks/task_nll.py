@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from spard.args import DataArgs, FieldError, TaskArgs, check_range
+from spard.data.build import normalise_prompt
 from spard.data.records import Record
 from spard.errors import DataError
 from spard.evaluate.tasks.base import Task, register
@@ -83,8 +84,7 @@ def ratio_mean_ci(sums: Sequence[float], counts: Sequence[int], z: float = 1.96)
 
 def normalise_answer(text: str) -> str:
     """Case-folded, whitespace-collapsed, without surrounding quotes/spaces and trailing ``.!;:,``."""
-    text = " ".join(text.casefold().split())
-    return re.sub(r"^[\s\"'`]+|[\s\"'`.!;:,]+$", "", text)
+    return re.sub(r"^[\s\"'`]+|[\s\"'`.!;:,]+$", "", normalise_prompt(text))
 
 
 def assistant_nll_sums(model: Any, features: Sequence[dict[str, list[int]]], *, pad_id: int, batch_size: int = 16
