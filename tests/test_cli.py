@@ -34,6 +34,14 @@ def test_bad_input_is_one_clear_error(capsys):
     assert "config file not found: configs/nope.yaml" in capsys.readouterr().err
 
 
+def test_a_bench_config_given_to_a_run_command_points_at_spard_bench(capsys):
+    for cmd in ("show-config", "train", "run"):
+        assert main([cmd, "configs/bench/smoke.yaml"]) == 2
+        err = capsys.readouterr().err
+        assert "configs/bench/smoke.yaml: this is a benchmark config" in err, err
+        assert "spard bench configs/bench/smoke.yaml" in err and "unknown config key" not in err
+
+
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "spard", "--help"], capture_output=True, text=True, check=True)
     assert "show-config" in out.stdout

@@ -100,3 +100,30 @@ def test_resolving_a_config_imports_only_the_plugins_it_names():
             " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_no_plugin_module_imports_torch_and_every_shipped_config_resolves_without_it():
+    import subprocess
+    import sys
+
+    # Every plugin of every kind keeps its tensor code behind imports inside the functions that run it, so
+    # `spard show-config` of any shipped config (spard, safegrad, lisa, safelora, an alignment defense...)
+    # answers without loading torch.
+    code = (
+        "import sys, glob\n"
+        "from spard.config import load_config\n"
+        "from spard.registry import REGISTRIES\n"
+        "names = {kind: r.names() for kind, r in REGISTRIES.items()}\n"
+        "for path in sorted(glob.glob('configs/*.yaml')):\n"
+        "    load_config(path)\n"
+        "for name in names['defense']:\n"
+        "    load_config(None, [f'defense.name={name}'])\n"
+        "for name in names['align_defense']:\n"
+        "    load_config(None, [f'align.defense.name={name}'])\n"
+        "print(len(names['defense']), len(names['align_defense']),"
+        " sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    n_defenses, n_align, loaded = out.stdout.strip().split(" ", 2)
+    assert int(n_defenses) >= 7 and int(n_align) >= 4, out.stdout
+    assert loaded == "[]", out.stdout + out.stderr

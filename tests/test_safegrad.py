@@ -10,20 +10,15 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from spard.alignment_kl import alignment_kl, token_kl
 from spard.config import LoraArgs, field_docs, load_config
 from spard.data.build import load_safety_pool, normalise_prompt, sample
 from spard.data.chat import collate, tokenize_records
 from spard.defenses import DefenseContext, get_defense
-from spard.defenses.safegrad import (
-    SafeGrad,
-    SafeGradArgs,
-    alignment_kl,
-    project_conflicting,
-    token_kl,
-)
+from spard.defenses.safegrad import SafeGrad, SafeGradArgs
 from spard.errors import ConfigError
 from spard.jobs.finetune import train
-from spard.surgery import flat_dot, safegrad_update
+from spard.surgery import flat_dot, project_conflicting, safegrad_update
 from spard.testing import assert_same_adapter, tiny_model
 from spard.trainer import add_lora
 

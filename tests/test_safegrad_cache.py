@@ -9,20 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spard.args import LoraArgs
-from spard.config import load_config
-from spard.data.build import load_safety_pool, sample
-from spard.data.chat import tokenize_records
-from spard.data.sources import load_source
-from spard.defenses.safegrad import (
+from spard.alignment_kl import (
     BaseTokens,
-    SafeGrad,
     alignment_kl_sum,
     base_token_kl,
     base_tokens,
     cached_alignment_kl_sum,
     token_kl,
 )
+from spard.args import LoraArgs
+from spard.config import load_config
+from spard.data.build import load_safety_pool, sample
+from spard.data.chat import tokenize_records
+from spard.data.sources import load_source
+from spard.defenses.safegrad import SafeGrad
 from spard.errors import ConfigError
 from spard.jobs.finetune import train
 from spard.testing import assert_same_adapter

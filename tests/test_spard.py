@@ -15,7 +15,7 @@ from spard.data.chat import collate, tokenize_records
 from spard.data.records import Record
 from spard.data.safety import cyclic_indices
 from spard.data.sources import load_source
-from spard.defenses.spard import SpardArgs, safety_projection
+from spard.defenses.spard import SpardArgs
 from spard.errors import ConfigError
 from spard.jobs.finetune import train
 from spard.projection import (
@@ -24,6 +24,7 @@ from spard.projection import (
     halfspace_step_size,
     reference_scale,
     reference_scaled_grads,
+    safety_projection,
     token_cross_entropy_sum,
 )
 from spard.testing import assert_same_adapter, tiny_model

@@ -49,6 +49,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
     """Read a YAML config (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
     label = str(path) if path is not None else "<defaults>"
     raw = read_yaml_mapping(path) if path is not None else {}
+    bench_keys = sorted(_BENCH_KEYS & raw.keys())
+    if bench_keys and not raw.keys() & set(_RUN_SECTIONS) - {"align", "eval"}:
+        raise ConfigError(f"{label}: this is a benchmark config (it has {bench_keys}); run it with "
+                          f"`spard bench {label}`, or list its cells with `spard bench {label} --cells`")
     file_raw = copy.deepcopy(raw)
     origin: dict[str, str] = {}
     for item in overrides:
@@ -68,6 +72,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
 
 
 _RUN_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
+_BENCH_KEYS = frozenset({"base_config", "base", "attacks", "defenses", "ratios", "seeds", "tasks", "output_dir"})
+"""Top-level keys of a benchmark config (:class:`spard.benchmark.grid.BenchConfig`) that no run config has."""
 _EVAL_FIELDS = frozenset(f.name for f in dataclasses.fields(EvalArgs))
 
 

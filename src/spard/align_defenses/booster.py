@@ -21,15 +21,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
 from spard.align_defenses.base import HarmfulDataArgs, HarmfulDataDefense, register
 from spard.align_defenses.vaccine import NORM_EPS, joint_norm
 from spard.args import check_range
 
 if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
     from transformers import Trainer
+
+# torch is imported where it runs, so resolving a config that names this defense does not load it.
 
 __all__ = ["Booster", "BoosterArgs", "normalised_step", "shifted_harmful_gradients", "booster_regulariser",
            "with_extra_gradient"]
@@ -63,6 +64,8 @@ def booster_regulariser(g_harm: Sequence[Tensor], g_harm_shifted: Sequence[Tenso
 
 
 def _grads(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    import torch
+
     grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
 
@@ -75,6 +78,8 @@ def shifted_harmful_gradients(model: torch.nn.Module, batch: dict[str, Tensor], 
     parameters: the weights are never modified in place (the reference subtracts the step from ``.data``
     and adds it back, which is not exact in floating point, and here the alignment batch's graph, already
     built by the trainer, still needs the unshifted weights)."""
+    import torch
+
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     loss = model(**batch).loss

@@ -24,16 +24,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
 from spard.align_defenses.base import HarmfulDataArgs, HarmfulDataDefense, layer_modules, register
 from spard.args import check_range
 from spard.data.chat import IGNORE_INDEX
 
 if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
     from transformers import Trainer
+
+# torch is imported where it runs, so resolving a config that names this defense does not load it.
 
 __all__ = ["RepNoise", "RepNoiseArgs", "mmd_rbf", "noise_mmd", "masked_ce", "layerwise_harmful_loss",
            "repnoise_loss"]
@@ -59,6 +59,8 @@ def mmd_rbf(x: Tensor, y: Tensor, kernel_mul: float = 2.0, kernel_num: int = 5) 
     """Biased MMD² estimate between samples ``x`` and ``y`` (rows), with a sum of ``kernel_num`` Gaussian
     kernels ``exp(−‖a−b‖² / bw_k)``, ``bw_k = bw · kernel_mul^(k − kernel_num//2)`` and ``bw`` the mean
     off-diagonal squared distance of the pooled samples, detached (the reference's ``MMD_loss``)."""
+    import torch
+
     z = torch.cat([x, y]).float()
     n = z.shape[0]
     # ‖a − b‖² from the Gram matrix: memory O(n · dim), where the reference's pairwise differences take
@@ -76,6 +78,8 @@ def noise_mmd(activations: Sequence[Tensor], mask: Tensor, noise: Sequence[Tenso
     """Mean over layers of ``mmd_rbf`` between each layer's masked activations ``[B, T, H]`` and masked
     standard-normal noise, one sample per sequence (flattened). ``noise`` (same shapes) defaults to fresh
     ``randn_like`` draws; tests pass it."""
+    import torch
+
     m = mask[..., None].to(activations[0].dtype)
     total = activations[0].new_zeros((), dtype=torch.float32)
     for i, act in enumerate(activations):
@@ -86,6 +90,8 @@ def noise_mmd(activations: Sequence[Tensor], mask: Tensor, noise: Sequence[Tenso
 
 def masked_ce(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean next-token cross-entropy over the positions whose label is not -100 (HF's causal-LM loss)."""
+    import torch.nn.functional as F
+
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
@@ -95,6 +101,8 @@ def layerwise_harmful_loss(logits: Tensor, hidden_states: Sequence[Tensor], read
 
     The readouts run only at the positions that predict an answer token: the others have label -100 and add
     nothing to a CE, and one vocabulary projection per hidden state is most of this loss's cost."""
+    import torch.nn.functional as F
+
     total = masked_ce(logits, labels)
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -106,6 +114,8 @@ def layerwise_harmful_loss(logits: Tensor, hidden_states: Sequence[Tensor], read
 
 def repnoise_loss(harmless_loss: Tensor, noise: Tensor, harmful: Tensor, alpha: float, beta: float) -> Tensor:
     """``harmless + β · noise − α · log(harmful)`` (``harmful`` is the ``H`` above, already ``+ 1``)."""
+    import torch
+
     return harmless_loss + beta * noise - alpha * torch.log(harmful)
 
 

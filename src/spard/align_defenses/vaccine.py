@@ -20,15 +20,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
 from spard.align_defenses.base import AlignDefense, layer_modules, register
 from spard.args import AlignDefenseArgs, check_range
 from spard.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
     from transformers import Trainer
+
+# torch is imported where it runs, so resolving a config that names this defense does not load it.
 
 __all__ = ["Vaccine", "VaccineArgs", "vaccine_perturbation", "joint_norm"]
 
@@ -50,6 +51,8 @@ class VaccineArgs(AlignDefenseArgs):
 
 def joint_norm(tensors: Sequence[Tensor]) -> Tensor:
     """One L2 norm over all ``tensors`` as if they were one flat vector (computed in fp32)."""
+    import torch
+
     return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors))  # type: ignore[arg-type]
 
 
@@ -69,6 +72,8 @@ class _ActivationHooks:
         self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
 
     def _hook(self, i: int):  # noqa: ANN202
+        import torch
+
         def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
             first = output[0] if isinstance(output, tuple) else output
             if self.shift is not None:
@@ -119,6 +124,8 @@ class Vaccine(AlignDefense):
 
     def loss(self, trainer: Trainer, model: torch.nn.Module, inputs: dict[str, Tensor],
              loss: Tensor, outputs: Any) -> Tensor:
+        import torch
+
         if self._inner or not model.training or self.hooks is None:
             return loss
         hooks = self.hooks

@@ -31,20 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
 from spard.args import SafetyPoolArgs, check_range
 from spard.data.build import sample
 from spard.data.chat import IGNORE_INDEX, collate
 from spard.data.records import Record
 from spard.data.safety import SafetyStream, load_pool, tokenize_safety
 from spard.defenses.base import Defense, DefenseContext, register
-from spard.distributed import world
 from spard.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
     from transformers import Trainer
+
+# torch is imported where it runs, so resolving a config that names this defense does not load it.
 
 __all__ = ["Lisa", "LisaArgs", "phase_at", "is_switch", "alignment_steps_before", "proximal_active",
            "proximal_term", "ANCHOR_FILE"]
@@ -123,6 +123,8 @@ def proximal_active(step: int, total_steps: int, warmup_ratio: float) -> bool:
 
 def proximal_term(params: Sequence[Tensor], anchors: Sequence[Tensor], rho: float) -> Tensor:
     """``rho/2 Σ_i ‖p_i − a_i‖²`` (differentiable in ``params``; gradient ``rho (p − a)``), accumulated in fp32."""
+    import torch
+
     if len(params) != len(anchors):
         raise ValueError(f"{len(params)} parameters but {len(anchors)} anchors")
     total = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
@@ -227,6 +229,10 @@ class Lisa(Defense):
         self._queue, self._num_items = [], None
         if self._phase != ALIGNMENT:
             return
+        import torch
+
+        from spard.distributed import world
+
         assert self.stream is not None
         rank, n_ranks = world()
         per_device = a.alignment_batch_size or trainer.args.per_device_train_batch_size
@@ -277,6 +283,8 @@ class Lisa(Defense):
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def _drift(self) -> float:
+        import torch
+
         if not self.params:
             return 0.0
         with torch.no_grad():

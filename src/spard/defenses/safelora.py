@@ -24,10 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
 from spard.args import DefenseArgs, FieldError, check_choice, check_range
 from spard.defenses.base import Defense, register
 from spard.errors import ConfigError
@@ -35,7 +31,11 @@ from spard.io import atomic_write_json
 from spard.rundir import FINAL_UNPROJECTED_DIR
 
 if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
     from transformers import Trainer
+
+# torch is imported where it runs, so resolving a config that names this defense does not load it.
 
 __all__ = ["SafeLoRA", "SafeLoRAArgs", "alignment_projector", "project_lora_b", "projected_similarity",
            "select_layers", "UNPROJECTED_DIR", "PROJECTION_FILE"]
@@ -85,12 +85,16 @@ class SafeLoRAArgs(DefenseArgs):
 # ---------------------------------------------------------------------------------------------------------
 def alignment_projector(v: Tensor) -> Tensor:
     """SafeLoRA's ``C = V Vᵀ / ‖V‖_F`` for an alignment direction ``v`` of shape ``(out, in)``; ``(out, out)``."""
+    import torch
+
     v = v.float()
     return v @ v.T / torch.linalg.matrix_norm(v)
 
 
 def project_lora_b(v: Tensor, lora_b: Tensor) -> Tensor:
     """``C @ B`` without forming the ``(out, out)`` matrix C: ``V (Vᵀ B) / ‖V‖_F`` (fp32)."""
+    import torch
+
     v = v.float()
     return v @ (v.T @ lora_b.float()) / torch.linalg.matrix_norm(v)
 
@@ -98,6 +102,8 @@ def project_lora_b(v: Tensor, lora_b: Tensor) -> Tensor:
 def projected_similarity(v: Tensor, lora_a: Tensor, lora_b: Tensor) -> float:
     """Cosine between the flattened ``C B A`` and ``B A`` (the update and its projection), rounded to 5 decimals
     as the reference does. ``lora_a``: ``(r, in)``, ``lora_b``: ``(out, r)``. The LoRA scale alpha/r cancels."""
+    import torch.nn.functional as F
+
     a = lora_a.float()
     update = lora_b.float() @ a
     projected = project_lora_b(v, lora_b) @ a
@@ -191,6 +197,8 @@ class SafeLoRA(Defense):
     def project(self, model: torch.nn.Module, unaligned: Mapping[str, Tensor]) -> dict[str, float]:
         """Compute every module's similarity, select, and rewrite ``lora_B`` of the selected ones in place.
         ``unaligned`` maps base-weight keys (``model.layers.0.self_attn.q_proj.weight``) to unaligned weights."""
+        import torch
+
         modules = _lora_modules(model)
         directions: dict[str, Tensor] = {}
         skipped: list[str] = []
@@ -230,6 +238,8 @@ class SafeLoRA(Defense):
                 "safelora_min_similarity": min(sims), "safelora_mean_similarity": sum(sims) / len(sims)}
 
     def after_train(self, trainer: Trainer) -> None:
+        import torch
+
         start = time.perf_counter()
         model = trainer.accelerator.unwrap_model(trainer.model)
         modules = _lora_modules(model)

@@ -32,29 +32,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from spard.args import FieldError, SafetyPoolArgs, check_choice, check_range
 from spard.data.records import Record
 from spard.data.safety import SafetyStream, load_pool, tokenize_safety
 from spard.defenses.base import Defense, DefenseContext, register
-from spard.distributed import all_reduce_flat_, all_reduce_sum_
 from spard.errors import ConfigError
-from spard.fingerprint import weights_fingerprint
 from spard.io import atomic_write_json, atomic_write_jsonl
-from spard.projection import (
-    clip_by_global_norm,
-    global_grad_norm,
-    halfspace_step_size,
-    reference_scaled_grads,
-    safety_projection,
-    token_cross_entropy_sum,
-)
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase, Trainer
 
-__all__ = ["SpardArgs", "Spard", "BaseModelEmbedder", "safety_projection", "reference_scaled_grads"]
+# The tensor code (torch, spard.projection: the SPAG math, spard.distributed) is imported where it runs, so
+# resolving a config that names this defense does not load torch.
+__all__ = ["SpardArgs", "Spard", "BaseModelEmbedder"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +122,8 @@ class SpardArgs(SafetyPoolArgs):
             check_range("safety_micro_batches", self.safety_micro_batches, 1)
         if self.safety_dropout is not None and not isinstance(self.safety_dropout, bool):
             raise FieldError("safety_dropout", self.safety_dropout, "must be true, false or null")
+        if self.safety_max_length is not None:
+            check_range("safety_max_length", self.safety_max_length, 8)
 
     @property
     def dropout_on(self) -> bool:
@@ -142,8 +135,6 @@ class SpardArgs(SafetyPoolArgs):
         if self.safety_micro_batches is not None:
             return self.safety_micro_batches
         return grad_accum if self.projection == "reference" else 1
-        if self.safety_max_length is not None:
-            check_range("safety_max_length", self.safety_max_length, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,6 +143,8 @@ class SpardArgs(SafetyPoolArgs):
 def base_weights_fingerprint(model: torch.nn.Module, samples: int = 16) -> str:
     """A hash of a PEFT model's *base* weights (LoRA tensors excluded), naming the ``base`` embedder in the
     embedding cache: a resumed run (whose adapter holds trained weights) reuses the first start's embeddings."""
+    from spard.fingerprint import weights_fingerprint
+
     return weights_fingerprint(model, samples, exclude_lora=True)
 
 
@@ -346,6 +339,8 @@ class Spard(Defense):
             model.train(was_training)
 
     def _loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        from spard.projection import token_cross_entropy_sum
+
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return token_cross_entropy_sum(out.logits, batch["labels"])
 
@@ -356,6 +351,10 @@ class Spard(Defense):
         # as the reference); the last one's forward, with autograd on, serves both the trigger and, only if it
         # fires, the backward. With one micro-batch (the halfspace default) no backward runs when L_s <= tau +
         # delta; the reference always back-propagates, which changes nothing since it then discards the grads.
+        import torch
+
+        from spard.distributed import all_reduce_sum_
+
         a, model = self.args, trainer.model
         batches = [self.next_batch(trainer) for _ in range(a.micro_batches(trainer.args.gradient_accumulation_steps))]
         for p in self.params:  # the task gradient is still in .grad (HF zeroes it only after this hook)
@@ -383,23 +382,32 @@ class Spard(Defense):
     def _safety_grads(self, loss_sum: torch.Tensor, n_global: float) -> list[torch.Tensor]:
         """All-reduced gradient of the global token-mean ``L_s``: the last micro-batch's sum / global count is
         back-propagated on top of the earlier micro-batches' gradients."""
+        import torch
+
+        from spard.distributed import all_reduce_flat_
+
         (loss_sum / n_global).backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         all_reduce_flat_(grads)
         return grads
 
-    @torch.no_grad()
     def _apply_halfspace(self, grads: list[torch.Tensor], loss: float) -> tuple[float, float]:
+        import torch
+
+        from spard.projection import global_grad_norm, halfspace_step_size
+
         norm = global_grad_norm(grads)
         step = halfspace_step_size(loss, self.args.tau, norm, self.args.max_step)
-        for p, g in zip(self.params, grads):
-            p.add_(g.to(p.dtype), alpha=-step)  # same delta as safety_projection(), without a copy
+        with torch.no_grad():
+            for p, g in zip(self.params, grads):
+                p.add_(g.to(p.dtype), alpha=-step)  # same delta as safety_projection(), without a copy
         return step * norm, norm
 
-    @torch.no_grad()
     def _apply_reference(self, trainer: Trainer, grads: list[torch.Tensor], loss: float) -> tuple[float, float]:
         # As the reference: the trainer's global-norm clipping (there HF clips the safety grads like task
         # grads), then per-tensor rescaling, then the (shared) optimizer's step at the current LR.
+        from spard.projection import clip_by_global_norm, global_grad_norm, reference_scaled_grads
+
         norm = global_grad_norm(grads)
         grads, _ = clip_by_global_norm(grads, float(trainer.args.max_grad_norm or 0.0))
         scaled = reference_scaled_grads(grads, loss, self.args.tau, self.args.alpha_max)
