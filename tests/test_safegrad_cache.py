@@ -108,29 +108,32 @@ def test_cached_kl_and_gradient_equal_the_uncached_ones(tiny_tok, direction):
     params = [p for p in model.parameters() if p.requires_grad]
     kl, n = alignment_kl_sum(model, batch, direction)
     grads = torch.autograd.grad(kl, params)
-    bases = [base_tokens(model, f) for f in feats]  # each example alone, unpadded
-    kl_c, n_c = cached_alignment_kl_sum(model, feats, bases, direction)
+    pad = tiny_tok.pad_token_id
+    bases = [b for f in feats for b in base_tokens(model, [f], pad)]  # each example alone: another padding
+    kl_c, n_c = cached_alignment_kl_sum(model, feats, bases, pad, direction)
     grads_c = torch.autograd.grad(kl_c, params)
     assert n == n_c and float(kl.detach()) > 1e-3
-    assert float(kl_c) == pytest.approx(float(kl), rel=1e-5)
-    # fp32 rounding only (a padded batch vs one example at a time): the gradient as one vector agrees to 1e-5
+    assert float(kl_c.detach()) == pytest.approx(float(kl.detach()), rel=1e-5)
+    # fp32 rounding only (the batch vs one example at a time): the gradient as one vector agrees to 1e-5
     flat, flat_c = torch.cat([g.reshape(-1) for g in grads]), torch.cat([g.reshape(-1) for g in grads_c])
     assert float((flat_c - flat).norm()) <= 1e-5 * float(flat.norm()) and float(flat.norm()) > 0
     # top-k: a lower bound, close when k covers most of the mass
-    top = [base_tokens(model, f, topk=64) for f in feats]
-    kl_k, _ = cached_alignment_kl_sum(model, feats, top, direction)
+    top = base_tokens(model, feats, pad, topk=64)
+    kl_k, _ = cached_alignment_kl_sum(model, feats, top, pad, direction)
     assert float(kl_k) <= float(kl) * (1 + 1e-5)
     with pytest.raises(ValueError, match="tokens"):
-        cached_alignment_kl_sum(model, feats[:2], bases[1:3], direction)
+        cached_alignment_kl_sum(model, feats[:2], bases[1:3], pad, direction)
 
 
 def test_cached_kl_is_exactly_zero_at_the_identity_adapter(tiny_tok):
     model = add_lora(sharp_tiny_model(tiny_tok), LoraArgs(r=4, dropout=0.1), seed=0)  # LoRA B = 0
     feats, _ = tokenize_records(tiny_tok, sample(load_safety_pool("safety"), 3, 0), 96)
-    bases = [base_tokens(model, f) for f in feats]
+    pad = tiny_tok.pad_token_id
+    assert len({len(f["input_ids"]) for f in feats}) > 1  # the batch is padded
+    bases = base_tokens(model, feats, pad)  # the cache of this very batch
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    kl, _ = cached_alignment_kl_sum(model, feats, bases)
+    kl, _ = cached_alignment_kl_sum(model, feats, bases, pad)
     grads = torch.autograd.grad(kl, params, allow_unused=True)
     assert float(kl.detach()) == 0.0 and all(g is None or float(g.abs().max()) == 0.0 for g in grads)
 

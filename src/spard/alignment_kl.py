@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spard.args import check_choice
-from spard.data.chat import IGNORE_INDEX
+from spard.data.chat import IGNORE_INDEX, collate
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -136,26 +136,32 @@ def base_token_kl(logits: Tensor, base: BaseTokens, direction: str = "forward") 
     return token_kl(current, reference, direction)
 
 
-def base_tokens(model: PeftModel, features: dict[str, list[int]], topk: int | None = None) -> BaseTokens:
-    """The base model's (adapter off) distributions at one alignment example's assistant positions, computed on
-    the example alone (no padding), so the result does not depend on which batch it is later drawn in."""
+def base_tokens(model: PeftModel, examples: list[dict[str, list[int]]], pad_id: int | None,
+                topk: int | None = None) -> list[BaseTokens]:
+    """The base model's (adapter off) distributions at the assistant positions of each of ``examples``, forwarded
+    as one padded batch exactly as :func:`cached_alignment_kl_sum` forwards them: computed for the batch a step
+    will draw, the cache then matches that step's current logits bitwise while the adapter is the identity."""
     with torch.no_grad(), model.disable_adapter():
-        logits = assistant_logits(model, features)
-    return BaseTokens.from_logits(logits, topk)
+        logits, counts = assistant_logits(model, examples, pad_id)
+    return [BaseTokens.from_logits(chunk, topk) for chunk in logits.split(counts)]
 
 
-def assistant_logits(model: PeftModel, features: dict[str, list[int]]) -> Tensor:
-    """Logits ``[T, V]`` at the positions predicting one example's assistant tokens, the example forwarded alone.
+def assistant_logits(model: PeftModel, examples: list[dict[str, list[int]]], pad_id: int | None
+                     ) -> tuple[Tensor, list[int]]:
+    """Logits ``[ΣT_i, V]`` at the positions predicting each example's assistant tokens (rows in batch order) and
+    the counts ``T_i``, the examples forwarded as one right-padded batch.
 
-    The output head runs on those positions only (``logits_to_keep``): the vocabulary projection is a large
-    share of a small model's forward and backward, and the prompt positions carry no KL term. The cache
-    (:func:`base_tokens`) and the step (:func:`cached_alignment_kl_sum`) both go through here, so at an
-    identity adapter their logits are computed identically and agree bitwise.
+    The output head runs only at positions where some example has an assistant token (``logits_to_keep``): the
+    vocabulary projection is a large share of a small model's forward and backward, and the prompt positions
+    carry no KL term. One padded forward costs less than one forward per example (fewer, larger matmuls).
     """
-    ids = torch.tensor([features["input_ids"]], device=model.device)
-    mask = torch.tensor(features["labels"][1:], device=model.device) != IGNORE_INDEX
-    positions = mask.nonzero().squeeze(-1)  # logits at position t predict token t + 1
-    return model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=positions).logits[0]
+    batch = collate(examples, 0 if pad_id is None else pad_id)
+    device = model.device
+    mask = batch["labels"][:, 1:].to(device) != IGNORE_INDEX  # logits at position t predict token t + 1
+    positions = mask.any(0).nonzero().squeeze(-1)
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                logits_to_keep=positions)
+    return out.logits[mask[:, positions]], mask.sum(1).tolist()
 
 
 def alignment_kl_sum(model: PeftModel, batch: dict[str, Tensor], direction: str = "forward") -> tuple[Tensor, int]:
@@ -175,29 +181,23 @@ def alignment_kl_sum(model: PeftModel, batch: dict[str, Tensor], direction: str 
 
 
 def cached_alignment_kl_sum(model: PeftModel, examples: list[dict[str, list[int]]], bases: list[BaseTokens],
-                            direction: str = "forward") -> tuple[Tensor, int]:
+                            pad_id: int | None, direction: str = "forward") -> tuple[Tensor, int]:
     """:func:`alignment_kl_sum` from cached base distributions (:func:`base_tokens`): only the current model runs.
 
-    Each example is forwarded alone and unpadded, exactly as its base distributions were computed, so at an
-    identity adapter (LoRA B = 0: the first step) current and base logits are bitwise equal and the KL and its
-    gradient exactly zero, as without the cache (a padded batch would differ by rounding, and the surgery is
-    scale-invariant: it would project on that noise). On a CPU the unpadded forwards cost no more than one
-    padded batch; on a GPU the alignment batch is small either way.
+    The examples are forwarded as one padded batch, as :func:`base_tokens` forwards them. When the cache was
+    computed on this very batch, current and base logits are bitwise equal at an identity adapter (LoRA B = 0:
+    the first step), so the KL and its gradient are exactly zero, as without the cache (the surgery is
+    scale-invariant: a rounding residue there would act as a projection direction). Anywhere else, batches of
+    other composition differ from the cache by float rounding only.
     """
-    total: Tensor | None = None
-    n_tokens = 0
-    for features, base in zip(examples, bases, strict=True):
-        logits = assistant_logits(model, features)
-        n_assistant = logits.shape[0]
-        if base.scores.shape[0] != n_assistant:
-            raise ValueError(f"cached base distributions for {base.scores.shape[0]} tokens, the example has "
-                             f"{n_assistant}")
-        kl = base_token_kl(logits, base.to(logits.device), direction).sum()
-        total = kl if total is None else total + kl
-        n_tokens += n_assistant
-    if total is None:
+    if not examples:
         raise ValueError("cached_alignment_kl_sum: no examples")
-    return total, n_tokens
+    logits, counts = assistant_logits(model, examples, pad_id)
+    cached = [b.scores.shape[0] for b in bases]
+    if cached != counts:
+        raise ValueError(f"cached base distributions for {cached} tokens, the examples have {counts}")
+    base = BaseTokens.cat(bases).to(logits.device)
+    return base_token_kl(logits, base, direction).sum(), int(sum(counts))
 
 
 def alignment_kl(model: PeftModel, batch: dict[str, Tensor], direction: str = "forward") -> Tensor:

@@ -7,7 +7,7 @@ assistant tokens of a small batch of safety examples (harmful prompt + safe repl
 (``g_u · g_a < 0``), the component of ``g_u`` along ``g_a`` is removed; the step then follows
 ``g_u' + lambda_align * g_a``. The base distribution comes from the same weights with the LoRA adapter
 switched off, so no second copy of the model is kept. Since neither the base model nor the alignment examples
-change, the base distributions are computed once per example at setup (``base_cache``: exact log-probabilities,
+change, the base distributions are computed once per example at setup (``base_cache``: exact logits,
 or the top-k plus the tail mass when the exact cache would be too large), and a step runs only the current
 model's forward and backward over the alignment batch.
 
@@ -183,29 +183,34 @@ class SafeGrad(Defense):
         if self.args.base_cache != "none":
             self._fill_cache(trainer)
 
-    def planned_examples(self, trainer: Trainer) -> list[int]:
-        """The alignment examples this run will draw: the stream from its start over ``max_steps`` steps (a
-        resumed run draws a part of the same stream), or all of them when the step count is not known."""
-        n = len(self.features)
-        steps = int(getattr(getattr(trainer, "state", None), "max_steps", 0) or 0)
-        if steps <= 0:
-            return list(range(n))
-        return sorted(set(cyclic_indices(0, steps * self.args.alignment_batch_size, n, self.seed)))
+    def planned_batches(self, trainer: Trainer) -> list[list[int]]:
+        """This rank's alignment examples at each step of the run: the stream from its start over ``max_steps``
+        steps (a resumed run draws a part of the same stream), or, when the step count is not known, every
+        example once in stream order."""
+        from spard.distributed import world
+
+        rank, n_ranks = world()
+        n, size = len(self.features), self.args.alignment_batch_size
+        steps = int(getattr(getattr(trainer, "state", None), "max_steps", 0) or 0) or -(-n // size)
+        stream = cyclic_indices(0, steps * size, n, self.seed)
+        return [stream[i:i + size][rank::n_ranks] for i in range(0, len(stream), size)]
 
     def _fill_cache(self, trainer: Trainer) -> None:
-        """Compute the base distributions of the planned examples once (adapter off, one example per forward);
-        ``auto`` picks exact or top-k by the exact cache's size."""
+        """Compute the base distributions of the planned examples once (adapter off), batch by batch in the order
+        the steps will draw them; ``auto`` picks exact or top-k by the exact cache's size."""
         import time
 
         a = self.args
-        wanted = self.planned_examples(trainer)
+        batches = self.planned_batches(trainer)
+        wanted = sorted({i for batch in batches for i in batch})
         vocab = int(trainer.model.get_output_embeddings().weight.shape[0])
         tokens = sum(sum(t != IGNORE_INDEX for t in self.features[i]["labels"][1:]) for i in wanted)
         exact_mb = tokens * vocab * 4 / 2**20
         mode = a.base_cache if a.base_cache != "auto" else ("exact" if exact_mb <= a.base_cache_max_mb else "topk")
         self.cache_topk = a.base_cache_topk if mode == "topk" and a.base_cache_topk < vocab else None
         start = time.perf_counter()
-        self._ensure_cached(trainer, wanted)
+        for batch in batches:
+            self._ensure_cached(trainer, batch)
         self.cache_stats = {"base_cache_examples": float(len(self.base_cache)), "base_cache_tokens": float(tokens),
                             "base_cache_mb": sum(b.nbytes for b in self.base_cache.values()) / 2**20,
                             "base_cache_seconds": time.perf_counter() - start}
@@ -213,22 +218,24 @@ class SafeGrad(Defense):
                  "%.1f s", len(wanted), tokens, "exact" if self.cache_topk is None else f"top-{self.cache_topk}",
                  self.cache_stats["base_cache_mb"], self.cache_stats["base_cache_seconds"])
 
-    def _ensure_cached(self, trainer: Trainer, indices: list[int]) -> None:
-        """Compute the base distributions of any of ``indices`` not cached yet (e.g. steps beyond the plan)."""
+    def _ensure_cached(self, trainer: Trainer, batch: list[int]) -> None:
+        """Cache the base distributions of the examples of ``batch`` not cached yet, computed on the whole batch
+        (the padded forward a step runs on it); an example keeps the values of the first batch it was in."""
         from spard.alignment_kl import base_tokens
 
-        missing = [i for i in dict.fromkeys(indices) if i not in self.base_cache]
-        if not missing:
+        if all(i in self.base_cache for i in batch):
             return
+        assert self.stream is not None
         model = trainer.model
         was_training = model.training
         model.eval()  # no dropout anywhere in the base pass (the adapter, which has the dropout, is off anyway)
         try:
             with trainer.accelerator.autocast():
-                for i in missing:
-                    self.base_cache[i] = base_tokens(model, self.features[i], self.cache_topk).to("cpu")
+                bases = base_tokens(model, [self.features[i] for i in batch], self.stream.pad_id, self.cache_topk)
         finally:
             model.train(was_training)
+        for i, base in zip(batch, bases):
+            self.base_cache.setdefault(i, base.to("cpu"))
 
     def alignment_gradient(self, trainer: Trainer, params: list[Tensor]) -> tuple[list[Tensor], float]:
         """``g_a`` over the whole alignment batch (summed across ranks) and the mean KL it is the gradient of."""
@@ -245,7 +252,8 @@ class SafeGrad(Defense):
             self._ensure_cached(trainer, mine)
             with trainer.accelerator.autocast():
                 kl_sum, n_local = cached_alignment_kl_sum(model, [self.features[i] for i in mine],
-                                                          [self.base_cache[i] for i in mine], self.args.kl_direction)
+                                                          [self.base_cache[i] for i in mine], self.stream.pad_id,
+                                                          self.args.kl_direction)
         elif mine:
             batch = {k: v.to(trainer.args.device)
                      for k, v in collate([self.features[i] for i in mine], self.stream.pad_id).items()}
