@@ -52,3 +52,17 @@ def test_batches_are_padded_with_ignored_labels():
 def test_an_empty_stream_is_refused():
     with pytest.raises(ValueError):
         SafetyStream([], seed=0, pad_id=0)
+
+
+def test_stream_owner_restores_the_position_before_or_after_the_stream_exists():
+    from spard.data.safety import StreamOwner
+
+    early, late = StreamOwner(), StreamOwner()
+    early.restore_stream_cursor(5)  # a checkpoint loaded before setup builds the stream
+    assert early.stream_cursor == 5
+    assert early.start_stream(_features(4), seed=1, pad_id=None).cursor == 5
+    late.start_stream(_features(4), seed=1, pad_id=0).next_indices(3)
+    assert late.stream_cursor == 3
+    late.restore_stream_cursor(5)  # ... or after
+    assert late.stream is not None and late.stream.next_indices(2) == early.stream.next_indices(2)
+    assert StreamOwner().stream_cursor == 0 and StreamOwner().stream is None

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from spard.args import AlignArgs, AlignDefenseArgs, FieldError, check_choice, check_range
 from spard.data.build import normalise_prompt, sample
 from spard.data.records import Record
-from spard.data.safety import SafetyStream, tokenize_safety
+from spard.data.safety import StreamOwner, tokenize_safety
 from spard.data.sources import SOURCES, load_source
 from spard.defenses.base import Defense, DefenseContext
 from spard.errors import DataError
@@ -119,7 +119,7 @@ class HarmfulDataArgs(AlignDefenseArgs):
                                  f"must be <= n_harmful ({self.n_harmful})")
 
 
-class HarmfulDataDefense(AlignDefense):
+class HarmfulDataDefense(StreamOwner, AlignDefense):
     """An alignment defense that draws a batch of harmful pairs per step from a seeded cyclic stream."""
 
     args: HarmfulDataArgs
@@ -127,11 +127,9 @@ class HarmfulDataDefense(AlignDefense):
     def __init__(self, args: HarmfulDataArgs) -> None:
         super().__init__(args)
         self.harmful: list[Record] | None = None
-        self.stream: SafetyStream | None = None
         self.max_length = 256
         self.seed = 0
         self.last: dict[str, float] = {}
-        self._resume_cursor = 0
 
     def harmful_records(self, align: AlignArgs) -> list[Record]:
         a = self.args
@@ -154,8 +152,7 @@ class HarmfulDataDefense(AlignDefense):
                             "harmful alignment data)")
         tokenizer = trainer.processing_class
         features = tokenize_safety(tokenizer, self.harmful, self.max_length, key="align.max_length")
-        self.stream = SafetyStream(features, seed=self.seed + 4, pad_id=tokenizer.pad_token_id)
-        self.stream.cursor = self._resume_cursor
+        self.start_stream(features, seed=self.seed + 4, pad_id=tokenizer.pad_token_id)
 
     def harmful_batch(self, trainer: Trainer) -> dict[str, torch.Tensor]:
         """The next batch of harmful pairs (``input_ids``, ``attention_mask``, ``labels`` on the answer)."""
@@ -169,12 +166,10 @@ class HarmfulDataDefense(AlignDefense):
         return dict(self.last)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cursor": self.stream.cursor if self.stream is not None else self._resume_cursor}
+        return {"cursor": self.stream_cursor}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_cursor = int(state.get("cursor", 0))
-        if self.stream is not None:
-            self.stream.cursor = self._resume_cursor
+        self.restore_stream_cursor(state.get("cursor", 0))
 
 
 def layer_modules(model: torch.nn.Module, attr: str) -> list[torch.nn.Module]:

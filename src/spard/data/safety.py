@@ -92,3 +92,29 @@ class SafetyStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor = int(state.get("cursor", 0))
+
+
+class StreamOwner:
+    """Mixin for a defense that draws from a :class:`SafetyStream` it builds at setup: the stream's position goes
+    into each checkpoint and comes back on resume, whether ``load_state_dict`` runs before the stream exists
+    (the trainer restores defense state before setup) or after."""
+
+    stream: SafetyStream | None = None
+    _pending_cursor: int = 0
+
+    def start_stream(self, features: Sequence[Features], *, seed: int, pad_id: int | None) -> SafetyStream:
+        """Build the stream at the restored position (0 for a fresh run)."""
+        self.stream = SafetyStream(features, seed=seed, pad_id=0 if pad_id is None else pad_id)
+        self.stream.cursor = self._pending_cursor
+        return self.stream
+
+    @property
+    def stream_cursor(self) -> int:
+        """Examples drawn so far (for ``state_dict``)."""
+        return self.stream.cursor if self.stream is not None else self._pending_cursor
+
+    def restore_stream_cursor(self, cursor: int) -> None:
+        """Set the position from a checkpoint (for ``load_state_dict``)."""
+        self._pending_cursor = int(cursor)
+        if self.stream is not None:
+            self.stream.cursor = self._pending_cursor

@@ -35,7 +35,7 @@ from spard.args import SafetyPoolArgs, check_range
 from spard.data.build import sample
 from spard.data.chat import IGNORE_INDEX, collate
 from spard.data.records import Record
-from spard.data.safety import SafetyStream, load_pool, tokenize_safety
+from spard.data.safety import StreamOwner, load_pool, tokenize_safety
 from spard.defenses.base import Defense, DefenseContext, register
 from spard.errors import ConfigError
 
@@ -147,7 +147,7 @@ def _label_tokens(feature: dict[str, list[int]]) -> int:
 
 
 @register
-class Lisa(Defense):
+class Lisa(StreamOwner, Defense):
     """Alternate alignment and fine-tuning states with a proximal term toward the last switching point."""
 
     name = "lisa"
@@ -157,7 +157,6 @@ class Lisa(Defense):
     def __init__(self, args: LisaArgs) -> None:
         super().__init__(args)
         self.alignment_records: list[Record] | None = None
-        self.stream: SafetyStream | None = None
         self.seed = 0
         self.max_length = 256
         self.names: list[str] = []
@@ -170,7 +169,6 @@ class Lisa(Defense):
         self._num_items: Tensor | None = None
         self._counted = True
         self._phase = ALIGNMENT if args.align_steps else FINETUNE
-        self._resume_cursor = 0
         self.last_prox = 0.0
 
     # -- data -------------------------------------------------------------------------------------------
@@ -214,8 +212,7 @@ class Lisa(Defense):
         tokenizer = trainer.processing_class
         features = tokenize_safety(tokenizer, self.alignment_records, self.max_length,
                                    key="defense.alignment_max_length")
-        self.stream = SafetyStream(features, seed=self.seed, pad_id=tokenizer.pad_token_id)
-        self.stream.cursor = self._resume_cursor
+        self.start_stream(features, seed=self.seed, pad_id=tokenizer.pad_token_id)
 
     def _begin_step(self, trainer: Trainer, step: int, counted: bool) -> None:
         """At the first micro-batch of optimizer step ``step``: reset the anchor at a switch and, in the
@@ -300,14 +297,11 @@ class Lisa(Defense):
                 "lisa_alignment_steps": float(alignment_steps_before(done, a.align_steps, a.finetune_steps))}
 
     def state_dict(self) -> dict[str, Any]:
-        cursor = self.stream.cursor if self.stream is not None else self._resume_cursor
-        return {"cursor": cursor, "phase": self._phase, "anchor_step": self.anchor_step, "anchor_file": ANCHOR_FILE,
-                "last_prox": self.last_prox}
+        return {"cursor": self.stream_cursor, "phase": self._phase, "anchor_step": self.anchor_step,
+                "anchor_file": ANCHOR_FILE, "last_prox": self.last_prox}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_cursor = int(state.get("cursor", 0))
-        if self.stream is not None:
-            self.stream.cursor = self._resume_cursor
+        self.restore_stream_cursor(state.get("cursor", 0))
         self.anchor_step = int(state.get("anchor_step", 0))
         self._phase = str(state.get("phase", self._phase))
         self.last_prox = float(state.get("last_prox", 0.0))

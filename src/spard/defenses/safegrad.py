@@ -28,7 +28,7 @@ from spard.args import FieldError, SafetyPoolArgs, check_choice, check_range
 from spard.data.build import sample
 from spard.data.chat import IGNORE_INDEX, collate
 from spard.data.records import Record
-from spard.data.safety import SafetyStream, cyclic_indices, load_pool, tokenize_safety
+from spard.data.safety import StreamOwner, cyclic_indices, load_pool, tokenize_safety
 from spard.defenses.base import Defense, DefenseContext, register
 from spard.errors import ConfigError
 
@@ -120,7 +120,7 @@ def _check_supported(trainer: Trainer) -> None:
 
 
 @register
-class SafeGrad(Defense):
+class SafeGrad(StreamOwner, Defense):
     """Project the task gradient off the alignment gradient when they conflict; add the alignment gradient."""
 
     name = "safegrad"
@@ -130,14 +130,12 @@ class SafeGrad(Defense):
     def __init__(self, args: SafeGradArgs) -> None:
         super().__init__(args)
         self.alignment_records: list[Record] | None = None
-        self.stream: SafetyStream | None = None
         self.seed = 0
         self.max_length = 256
         self.steps = 0
         self.projected_steps = 0
         self.skipped_steps = 0
         self.last: dict[str, float] = {}
-        self._resume_cursor = 0
         self.features: list[dict[str, list[int]]] = []
         self.base_cache: dict[int, BaseTokens] = {}
         """Base distributions per alignment example (index into ``features``), filled at setup."""
@@ -177,8 +175,7 @@ class SafeGrad(Defense):
         if self.args.alignment_batch_size > len(features):
             raise ConfigError(f"defense.alignment_batch_size={self.args.alignment_batch_size} exceeds the "
                               f"{len(features)} usable alignment examples")
-        self.stream = SafetyStream(features, seed=self.seed, pad_id=tokenizer.pad_token_id)
-        self.stream.cursor = self._resume_cursor
+        self.start_stream(features, seed=self.seed, pad_id=tokenizer.pad_token_id)
         self.features, self.base_cache = features, {}
         if self.args.base_cache != "none":
             self._fill_cache(trainer)
@@ -315,14 +312,11 @@ class SafeGrad(Defense):
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        cursor = self.stream.cursor if self.stream is not None else self._resume_cursor
-        return {"cursor": cursor, "steps": self.steps, "projected_steps": self.projected_steps,
+        return {"cursor": self.stream_cursor, "steps": self.steps, "projected_steps": self.projected_steps,
                 "skipped_steps": self.skipped_steps, "last": self.last}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_cursor = int(state.get("cursor", 0))
-        if self.stream is not None:
-            self.stream.cursor = self._resume_cursor
+        self.restore_stream_cursor(state.get("cursor", 0))
         self.steps = int(state.get("steps", 0))
         self.projected_steps = int(state.get("projected_steps", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from spard.args import FieldError, SafetyPoolArgs, check_choice, check_range
 from spard.data.records import Record
-from spard.data.safety import SafetyStream, load_pool, tokenize_safety
+from spard.data.safety import StreamOwner, load_pool, tokenize_safety
 from spard.defenses.base import Defense, DefenseContext, register
 from spard.errors import ConfigError
 from spard.io import atomic_write_json, atomic_write_jsonl
@@ -208,7 +208,7 @@ class _State:
 
 
 @register
-class Spard(Defense):
+class Spard(StreamOwner, Defense):
     """SPARD: DPP-selected refusals, kept out of the utility loss, enforced by a safety projection per step."""
 
     name = "spard"
@@ -218,14 +218,11 @@ class Spard(Defense):
     def __init__(self, args: SpardArgs) -> None:
         super().__init__(args)
         self.state = _State()
-        self._resume_cursor = 0
-        """Stream position from a checkpoint, applied when :meth:`setup` builds the stream."""
         self.task_records: list[Record] | None = None
         self.pool: list[Record] = []
         self.subset: list[Record] = []
         self.features: list[dict[str, list[int]]] = []
         self.params: list[torch.nn.Parameter] = []
-        self.stream: SafetyStream | None = None
         self.selection_stats: dict[str, Any] = {}
         self._ctx: DefenseContext | None = None
 
@@ -267,9 +264,7 @@ class Spard(Defense):
         max_length = self.args.safety_max_length or ctx.config.data.max_length
         key = "defense.safety_max_length" if self.args.safety_max_length else "data.max_length"
         self.features = tokenize_safety(ctx.tokenizer, self.subset, max_length, key=key)
-        pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
-        self.stream = SafetyStream(self.features, seed=ctx.seed, pad_id=pad_id)
-        self.stream.cursor = self._resume_cursor
+        self.start_stream(self.features, seed=ctx.seed, pad_id=ctx.tokenizer.pad_token_id)
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
         log.info("spard: %d safety examples (%s), tau=%g delta=%g projection=%s", len(self.features),
                  self.args.selection, self.args.tau, self.args.delta, self.args.projection)
@@ -447,12 +442,9 @@ class Spard(Defense):
 
     def state_dict(self) -> dict[str, Any]:
         # cursor: safety examples drawn so far over all ranks (position in the endless shuffled stream)
-        cursor = self.stream.cursor if self.stream is not None else self._resume_cursor
-        return {"cursor": cursor, **asdict(self.state)}
+        return {"cursor": self.stream_cursor, **asdict(self.state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         last = _StepStats(**state.get("last", {}))
         self.state = _State(steps=int(state.get("steps", 0)), projections=int(state.get("projections", 0)), last=last)
-        self._resume_cursor = int(state["cursor"])
-        if self.stream is not None:
-            self.stream.cursor = self._resume_cursor
+        self.restore_stream_cursor(state["cursor"])
