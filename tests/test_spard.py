@@ -157,7 +157,8 @@ def test_config_defaults_and_validation() -> None:
     for bad, match in [("defense.projection=adam", "defense.projection"), ("defense.tau=-1", "defense.tau"),
                        ("defense.max_step=0", "defense.max_step"), ("defense.selection=greedy", "defense.selection"),
                        ("defense.safety_k=0", "defense.safety_k"), ("defense.safety_batch_size=0", "batch_size"),
-                       ("defense.safety_micro_batches=0", "defense.safety_micro_batches")]:
+                       ("defense.safety_micro_batches=0", "defense.safety_micro_batches"),
+                       ("defense.safety_max_length=4", "defense.safety_max_length")]:
         with pytest.raises(ConfigError, match=match):
             load_config(None, ["defense.name=spard", bad])
 
