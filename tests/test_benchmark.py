@@ -202,6 +202,13 @@ def test_shipped_bench_configs_load():
     # the study's cells are the embedded bench's spard-hs cell but for max_step
     same = next(c for c in embedded.cells if c.defense == "spard-hs" and c.attack == "bt_ref").config
     assert dataclasses.replace(study.cells[2].config, train=same.train) == same
+    # the seed study's seed-0 cells are the embedded bench's cells of the same rows
+    seeds = load_bench("configs/bench/seeds.yaml")
+    assert [(c.defense, c.seed) for c in seeds.cells] == [(d, s) for s in (0, 1, 2) for d in ("sft", "spard", "lisa")]
+    for cell in (c for c in seeds.cells if c.seed == 0):
+        twin = next(c for c in embedded.cells if c.name == cell.name).config
+        assert dataclasses.replace(cell.config, train=twin.train) == twin
+        assert dataclasses.replace(cell.config.train, output_dir=twin.train.output_dir) == twin.train
     cfg = paper.cells[0].config
     assert (cfg.model.name_or_path, cfg.lora.r, cfg.lora.alpha, cfg.train.lr, cfg.train.epochs) == (
         "Qwen/Qwen2.5-7B-Instruct", 32, 8, 5e-5, 10.0)
