@@ -160,7 +160,7 @@ def assistant_logits(model: PeftModel, examples: list[dict[str, list[int]]], pad
     mask = batch["labels"][:, 1:].to(device) != IGNORE_INDEX  # logits at position t predict token t + 1
     positions = mask.any(0).nonzero().squeeze(-1)
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                logits_to_keep=positions)
+                logits_to_keep=positions, use_cache=False)
     return out.logits[mask[:, positions]], mask.sum(1).tolist()
 
 
@@ -175,8 +175,8 @@ def alignment_kl_sum(model: PeftModel, batch: dict[str, Tensor], direction: str 
     mask = batch["labels"][:, 1:] != IGNORE_INDEX
     n_tokens = int(mask.sum())
     with torch.no_grad(), model.disable_adapter():
-        base = model(**inputs).logits[:, :-1][mask]
-    current = model(**inputs).logits[:, :-1][mask]
+        base = model(**inputs, use_cache=False).logits[:, :-1][mask]
+    current = model(**inputs, use_cache=False).logits[:, :-1][mask]
     return token_kl(current, base, direction).sum(), n_tokens
 
 
