@@ -68,7 +68,7 @@ class SafeGradArgs(SafetyPoolArgs):
     base_cache: str = "auto"
     """The base model (adapter off) and the alignment examples never change, so their next-token distributions
     are computed once per example at setup and a step runs only the current model's forward/backward.
-    ``exact``: full log-probabilities (the same KL and gradient as recomputing them, up to float rounding);
+    ``exact``: full logits (the same KL and gradient as recomputing them, up to float rounding);
     ``topk``: the ``base_cache_topk`` likeliest tokens plus the rest as one tail bucket (the KL of the
     coarse-grained distributions: never above the exact KL, short of it by the tail's own divergence);
     ``auto``: ``exact`` if it fits in ``base_cache_max_mb``, else ``topk``; ``none``: a base forward every step
@@ -140,7 +140,7 @@ class SafeGrad(StreamOwner, Defense):
         self.base_cache: dict[int, BaseTokens] = {}
         """Base distributions per alignment example (index into ``features``), filled at setup."""
         self.cache_topk: int | None = None
-        """None: the cache holds exact log-probs; else the k of the top-k cache."""
+        """None: the cache holds exact logits; else the k of the top-k cache."""
         self.cache_stats: dict[str, float] = {}
 
     # -- data -------------------------------------------------------------------------------------------
