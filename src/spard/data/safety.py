@@ -74,10 +74,14 @@ class SafetyStream:
         self.cursor = 0
         """Examples drawn so far over all ranks: the position in the stream (saved for resume)."""
 
+    def indices_at(self, position: int, n: int, rank: int = 0, world: int = 1) -> list[int]:
+        """This rank's share of the global batch of ``n`` that starts at stream ``position`` (no cursor move)."""
+        return cyclic_indices(position, n, len(self.features), self.seed)[rank::world]
+
     def next_indices(self, n: int, rank: int = 0, world: int = 1) -> list[int]:
-        idx = cyclic_indices(self.cursor, n, len(self.features), self.seed)
+        idx = self.indices_at(self.cursor, n, rank, world)
         self.cursor += n
-        return idx[rank::world]
+        return idx
 
     def next_batch(self, n: int, device: torch.device | str, rank: int = 0, world: int = 1
                    ) -> dict[str, torch.Tensor] | None:

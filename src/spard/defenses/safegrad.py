@@ -28,7 +28,7 @@ from spard.args import FieldError, SafetyPoolArgs, check_choice, check_range
 from spard.data.build import sample
 from spard.data.chat import IGNORE_INDEX, collate
 from spard.data.records import Record
-from spard.data.safety import StreamOwner, cyclic_indices, load_pool, tokenize_safety
+from spard.data.safety import StreamOwner, load_pool, tokenize_safety
 from spard.defenses.base import Defense, DefenseContext, register
 from spard.errors import ConfigError
 
@@ -136,7 +136,6 @@ class SafeGrad(StreamOwner, Defense):
         self.projected_steps = 0
         self.skipped_steps = 0
         self.last: dict[str, float] = {}
-        self.features: list[dict[str, list[int]]] = []
         self.base_cache: dict[int, BaseTokens] = {}
         """Base distributions per alignment example (index into ``features``), filled at setup."""
         self.cache_topk: int | None = None
@@ -176,7 +175,7 @@ class SafeGrad(StreamOwner, Defense):
             raise ConfigError(f"defense.alignment_batch_size={self.args.alignment_batch_size} exceeds the "
                               f"{len(features)} usable alignment examples")
         self.start_stream(features, seed=self.seed, pad_id=tokenizer.pad_token_id)
-        self.features, self.base_cache = features, {}
+        self.base_cache = {}
         if self.args.base_cache != "none":
             self._fill_cache(trainer)
 
@@ -186,11 +185,11 @@ class SafeGrad(StreamOwner, Defense):
         example once in stream order."""
         from spard.distributed import world
 
+        assert self.stream is not None
         rank, n_ranks = world()
-        n, size = len(self.features), self.args.alignment_batch_size
+        n, size = len(self.stream.features), self.args.alignment_batch_size
         steps = int(getattr(getattr(trainer, "state", None), "max_steps", 0) or 0) or -(-n // size)
-        stream = cyclic_indices(0, steps * size, n, self.seed)
-        return [stream[i:i + size][rank::n_ranks] for i in range(0, len(stream), size)]
+        return [self.stream.indices_at(step * size, size, rank, n_ranks) for step in range(steps)]
 
     def _fill_cache(self, trainer: Trainer) -> None:
         """Compute the base distributions of the planned examples once (adapter off), batch by batch in the order
@@ -201,7 +200,9 @@ class SafeGrad(StreamOwner, Defense):
         batches = self.planned_batches(trainer)
         wanted = sorted({i for batch in batches for i in batch})
         vocab = int(trainer.model.get_output_embeddings().weight.shape[0])
-        tokens = sum(sum(t != IGNORE_INDEX for t in self.features[i]["labels"][1:]) for i in wanted)
+        assert self.stream is not None
+        features = self.stream.features
+        tokens = sum(sum(t != IGNORE_INDEX for t in features[i]["labels"][1:]) for i in wanted)
         exact_mb = tokens * vocab * 4 / 2**20
         mode = a.base_cache if a.base_cache != "auto" else ("exact" if exact_mb <= a.base_cache_max_mb else "topk")
         self.cache_topk = a.base_cache_topk if mode == "topk" and a.base_cache_topk < vocab else None
@@ -228,7 +229,8 @@ class SafeGrad(StreamOwner, Defense):
         model.eval()  # no dropout anywhere in the base pass (the adapter, which has the dropout, is off anyway)
         try:
             with trainer.accelerator.autocast():
-                bases = base_tokens(model, [self.features[i] for i in batch], self.stream.pad_id, self.cache_topk)
+                bases = base_tokens(model, [self.stream.features[i] for i in batch], self.stream.pad_id,
+                                    self.cache_topk)
         finally:
             model.train(was_training)
         for i, base in zip(batch, bases):
@@ -248,12 +250,12 @@ class SafeGrad(StreamOwner, Defense):
         if mine and self.args.base_cache != "none":
             self._ensure_cached(trainer, mine)
             with trainer.accelerator.autocast():
-                kl_sum, n_local = cached_alignment_kl_sum(model, [self.features[i] for i in mine],
+                kl_sum, n_local = cached_alignment_kl_sum(model, [self.stream.features[i] for i in mine],
                                                           [self.base_cache[i] for i in mine], self.stream.pad_id,
                                                           self.args.kl_direction)
         elif mine:
             batch = {k: v.to(trainer.args.device)
-                     for k, v in collate([self.features[i] for i in mine], self.stream.pad_id).items()}
+                     for k, v in collate([self.stream.features[i] for i in mine], self.stream.pad_id).items()}
             with trainer.accelerator.autocast():
                 kl_sum, n_local = alignment_kl_sum(model, batch, self.args.kl_direction)
         else:

@@ -221,7 +221,6 @@ class Spard(StreamOwner, Defense):
         self.task_records: list[Record] | None = None
         self.pool: list[Record] = []
         self.subset: list[Record] = []
-        self.features: list[dict[str, list[int]]] = []
         self.params: list[torch.nn.Parameter] = []
         self.selection_stats: dict[str, Any] = {}
         self._ctx: DefenseContext | None = None
@@ -263,10 +262,10 @@ class Spard(StreamOwner, Defense):
             atomic_write_json(ctx.run_dir / SUBSET_STATS_FILE, self.selection_stats)
         max_length = self.args.safety_max_length or ctx.config.data.max_length
         key = "defense.safety_max_length" if self.args.safety_max_length else "data.max_length"
-        self.features = tokenize_safety(ctx.tokenizer, self.subset, max_length, key=key)
-        self.start_stream(self.features, seed=ctx.seed, pad_id=ctx.tokenizer.pad_token_id)
+        features = tokenize_safety(ctx.tokenizer, self.subset, max_length, key=key)
+        self.start_stream(features, seed=ctx.seed, pad_id=ctx.tokenizer.pad_token_id)
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
-        log.info("spard: %d safety examples (%s), tau=%g delta=%g projection=%s", len(self.features),
+        log.info("spard: %d safety examples (%s), tau=%g delta=%g projection=%s", len(features),
                  self.args.selection, self.args.tau, self.args.delta, self.args.projection)
 
     def make_embedder(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> Any:
