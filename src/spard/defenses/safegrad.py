@@ -56,9 +56,9 @@ class SafeGradArgs(SafetyPoolArgs):
     alignment_examples: int = 100
     """Safety examples (harmful prompt + safe reply) the alignment gradient is computed on; as few as 20 work."""
     alignment_batch_size: int = 2
-    """Alignment examples per optimizer step (across all ranks). Each step adds a forward with the adapter off
-    and a forward/backward with it on over this batch: next to a user batch of 8, 2 makes a step cost about
-    1.35x plain SFT with 128-160-token task examples (1.2x at 256), 4 about 1.7-1.8x (1.45x at 256)."""
+    """Alignment examples per optimizer step (across all ranks). Each step adds the current model's forward and
+    backward over this batch (the base side comes from ``base_cache``), so the extra cost grows with its share of
+    the step's tokens: ``perf/step_overhead.py`` prints it beside plain SFT (docs/fidelity.md has the figures)."""
     alignment_max_length: int | None = None
     """Token limit per alignment example; ``null`` = ``data.max_length``."""
     kl_direction: str = "forward"
