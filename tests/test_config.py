@@ -25,6 +25,26 @@ def test_shipped_configs_load(path, tmp_path_factory):
     assert again == cfg  # what a run stores in config.yaml loads back to the same config
 
 
+
+def test_the_benchmark_key_list_matches_the_benchmark_config():
+    """config.py cannot import BenchConfig (it sits below the benchmark package), so it lists the keys that only a
+    benchmark config has by hand; a key added to BenchConfig must be added there too."""
+    import dataclasses
+
+    from spard.benchmark.grid import BenchConfig
+    from spard.config import _BENCH_KEYS, _RUN_SECTIONS
+
+    assert _BENCH_KEYS == {f.name for f in dataclasses.fields(BenchConfig)} - set(_RUN_SECTIONS)
+
+
+def test_kl_direction_choices_agree():
+    """The SafeGrad plugin checks its option against its own copy of the choices (it must not import the torch
+    module at import time); the KL function checks against the other."""
+    from spard.alignment_kl import KL_DIRECTIONS as kl_math_choices
+    from spard.defenses.safegrad import KL_DIRECTIONS as plugin_choices
+
+    assert plugin_choices == kl_math_choices
+
 def test_defaults_and_overrides(tmp_path):
     p = write(tmp_path, "attack:\n  harmful_ratio: 0.2\ntrain:\n  lr: 1.0e-4\n")
     cfg = load_config(p, ["defense.name=safeinstr", "defense.safety_examples=7", "train.max_steps=5",
