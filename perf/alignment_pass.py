@@ -1,4 +1,4 @@
-"""SafeGrad's alignment pass: one padded forward of the alignment batch vs one forward per example.
+"""SafeGrad's alignment pass: the alignment batch padded, packed into one row, or one forward per example.
 
 Run: ``PYTHONPATH=src python perf/alignment_pass.py [--pairs 10] [--batch 2] [--max-length 128]``
 
@@ -6,9 +6,11 @@ Model: the embedded SmolLM2-135M-Instruct with a LoRA adapter whose B matrices a
 and its gradient are not zero). Data: SafeGrad's default alignment examples (the ``safety`` pool, seed 0),
 tokenised at ``--max-length``. For each batch, both ways compute the cached KL
 (:func:`spard.alignment_kl.cached_alignment_kl_sum`) and its gradient over the LoRA parameters, each against
-the cache computed its own way; ``padded`` passes the whole batch, ``per example`` calls it once per example
-(the examples unpadded, as SafeGrad did before) and sums. The two are interleaved (A B B A ...) so that load
-changes hit both alike; the table gives the median seconds and the median of the per-batch ratios.
+the cache computed its own way; ``padded`` passes the whole batch padded, ``packed`` as one row without padding
+(``pack_alignment``, SafeGrad's default where the model allows it), ``per example`` calls it once per example
+(the examples unpadded, as SafeGrad did first) and sums. The ways are interleaved, each batch in a rotated
+order, so that load changes hit all alike; the table gives the median seconds and the median of the per-batch
+ratios to ``padded``.
 ``torch.set_num_threads(2)``.
 """
 
@@ -54,21 +56,26 @@ def main() -> None:
         kl, n = cached_alignment_kl_sum(model, batch, bases, pad)
         torch.autograd.grad(kl / n, params)
 
+    def packed(batch: list[dict[str, list[int]]], bases: list) -> None:
+        kl, n = cached_alignment_kl_sum(model, batch, bases, pad, packed=True)
+        torch.autograd.grad(kl / n, params)
+
     def per_example(batch: list[dict[str, list[int]]], bases: list) -> None:
         parts = [cached_alignment_kl_sum(model, [f], [b], pad) for f, b in zip(batch, bases)]
         total = sum(kl for kl, _ in parts)
         torch.autograd.grad(total / sum(n for _, n in parts), params)  # type: ignore[operator]
 
-    ways = {"padded": padded, "per example": per_example}
+    ways = {"padded": padded, "packed": packed, "per example": per_example}
     times: dict[str, list[float]] = {name: [] for name in ways}
     tokens = []
     for i in range(args.pairs):
         batch = features[i * args.batch:(i + 1) * args.batch]
         tokens.append(sum(len(f["input_ids"]) for f in batch))
         # the caches (each computed as its way forwards the examples) are a one-off cost: not timed
-        bases = {"padded": base_tokens(model, batch, pad),
+        bases = {"padded": base_tokens(model, batch, pad), "packed": base_tokens(model, batch, pad, packed=True),
                  "per example": [b for f in batch for b in base_tokens(model, [f], pad)]}
-        for name in list(ways) if i % 2 == 0 else list(reversed(ways)):
+        names = list(ways)
+        for name in names[i % len(names):] + names[:i % len(names)]:
             start = time.perf_counter()
             ways[name](batch, bases[name])
             times[name].append(time.perf_counter() - start)
@@ -76,8 +83,9 @@ def main() -> None:
           f"unpadded), max_length {args.max_length}: the current model's forward + backward")
     for name, values in times.items():
         print(f"{name:12s} {statistics.median(values[1:]):.3f} s")
-    ratios = [p / e for p, e in zip(times["padded"][1:], times["per example"][1:])]
-    print(f"padded / per example: {statistics.median(ratios):.3f}x")
+    for name in ("packed", "per example"):
+        ratios = [x / ref for x, ref in zip(times[name][1:], times["padded"][1:])]
+        print(f"{name} / padded: {statistics.median(ratios):.3f}x")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from spard.alignment_kl import (
     BaseTokens,
     alignment_kl_sum,
+    assistant_logits,
     base_token_kl,
     base_tokens,
     cached_alignment_kl_sum,
+    packing_matches_padding,
     token_kl,
 )
 from spard.args import LoraArgs
@@ -100,8 +102,9 @@ def moved_model(tok):
     return model
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_cached_kl_and_gradient_equal_the_uncached_ones(tiny_tok, direction):
+def test_cached_kl_and_gradient_equal_the_uncached_ones(tiny_tok, direction, packed):
     model = moved_model(tiny_tok)
     feats, _ = tokenize_records(tiny_tok, sample(load_safety_pool("safety"), 4, 0), 96)
     batch = alignment_batch(tiny_tok, n=4)
@@ -110,7 +113,7 @@ def test_cached_kl_and_gradient_equal_the_uncached_ones(tiny_tok, direction):
     grads = torch.autograd.grad(kl, params)
     pad = tiny_tok.pad_token_id
     bases = [b for f in feats for b in base_tokens(model, [f], pad)]  # each example alone: another padding
-    kl_c, n_c = cached_alignment_kl_sum(model, feats, bases, pad, direction)
+    kl_c, n_c = cached_alignment_kl_sum(model, feats, bases, pad, direction, packed=packed)
     grads_c = torch.autograd.grad(kl_c, params)
     assert n == n_c and float(kl.detach()) > 1e-3
     assert float(kl_c.detach()) == pytest.approx(float(kl.detach()), rel=1e-5)
@@ -125,17 +128,66 @@ def test_cached_kl_and_gradient_equal_the_uncached_ones(tiny_tok, direction):
         cached_alignment_kl_sum(model, feats[:2], bases[1:3], pad, direction)
 
 
-def test_cached_kl_is_exactly_zero_at_the_identity_adapter(tiny_tok):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_cached_kl_is_exactly_zero_at_the_identity_adapter(tiny_tok, packed):
     model = add_lora(sharp_tiny_model(tiny_tok), LoraArgs(r=4, dropout=0.1), seed=0)  # LoRA B = 0
     feats, _ = tokenize_records(tiny_tok, sample(load_safety_pool("safety"), 3, 0), 96)
     pad = tiny_tok.pad_token_id
-    assert len({len(f["input_ids"]) for f in feats}) > 1  # the batch is padded
-    bases = base_tokens(model, feats, pad)  # the cache of this very batch
+    assert len({len(f["input_ids"]) for f in feats}) > 1  # padded, the batch has padding
+    bases = base_tokens(model, feats, pad, packed=packed)  # the cache of this very batch, in the same layout
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    kl, _ = cached_alignment_kl_sum(model, feats, bases, pad)
+    kl, _ = cached_alignment_kl_sum(model, feats, bases, pad, packed=packed)
     grads = torch.autograd.grad(kl, params, allow_unused=True)
     assert float(kl.detach()) == 0.0 and all(g is None or float(g.abs().max()) == 0.0 for g in grads)
+
+
+def without_packed_masks(monkeypatch):
+    """Make transformers build plain causal masks for packed rows, as a model whose attention ignores packing
+    would: each packed example then sees the ones before it."""
+    import transformers.masking_utils
+
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+
+
+def test_packed_forward_equals_the_padded_one_and_the_check_tells_when_it_does_not(tiny_tok, monkeypatch):
+    model = moved_model(tiny_tok).eval()
+    feats, _ = tokenize_records(tiny_tok, sample(load_safety_pool("safety"), 3, 0), 96)
+    pad = tiny_tok.pad_token_id
+    lengths = [len(f["input_ids"]) for f in feats]
+    assert len(set(lengths)) > 1
+    with torch.no_grad():
+        padded, counts = assistant_logits(model, feats, pad)
+        packed, packed_counts = assistant_logits(model, feats, pad, packed=True)
+        # each example alone: no padding, no packing
+        alone = torch.cat([assistant_logits(model, [f], pad)[0] for f in feats])
+    assert packed_counts == counts and packed.shape == padded.shape == alone.shape
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)
+    same, tv = packing_matches_padding(model, feats, pad)
+    assert same and tv < 1e-5
+
+    without_packed_masks(monkeypatch)
+    same, tv = packing_matches_padding(model, feats, pad)
+    assert not same and tv > 1e-2  # the later examples attend to the earlier ones
+
+
+def test_safegrad_packs_the_alignment_batch_only_where_the_model_allows_it(tmp_path, tiny_tok, monkeypatch, caplog):
+    extra = ("lora.dropout=0", "train.max_steps=2")
+    runs = {}
+    for name, options in (("packed", ()), ("padded", ("defense.pack_alignment=false",))):
+        runs[name] = metric_rows(train(sg_config(tmp_path, name, *extra, *options), model=sharp_tiny_model(tiny_tok),
+                                       tokenizer=tiny_tok).run_dir)
+    assert runs["packed"][0]["alignment_packed"] == 1.0 and "alignment_packed" not in runs["padded"][0]
+    assert runs["packed"][0]["align_kl"] == 0.0  # the cache and the first step share the packed layout
+    assert runs["packed"][1]["align_kl"] == pytest.approx(runs["padded"][1]["align_kl"], rel=1e-4)
+
+    without_packed_masks(monkeypatch)
+    with caplog.at_level("WARNING", logger="spard.defenses.safegrad"):
+        rows = metric_rows(train(sg_config(tmp_path, "fallback", *extra), model=sharp_tiny_model(tiny_tok),
+                                 tokenizer=tiny_tok).run_dir)
+    assert rows[0]["alignment_packed"] == 0.0 and "does not keep packed examples apart" in caplog.text
+    assert rows[1]["align_kl"] == pytest.approx(runs["padded"][1]["align_kl"], rel=1e-4)  # padded after all
 
 
 def test_args_validate_the_cache_options():

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 __all__ = ["KL_DIRECTIONS", "token_kl", "alignment_kl", "alignment_kl_sum", "BaseTokens", "base_token_kl",
-           "base_tokens", "assistant_logits", "cached_alignment_kl_sum"]
+           "base_tokens", "assistant_logits", "packing_matches_padding", "cached_alignment_kl_sum"]
 
 KL_DIRECTIONS = ("forward", "reverse")
 
@@ -137,31 +137,72 @@ def base_token_kl(logits: Tensor, base: BaseTokens, direction: str = "forward") 
 
 
 def base_tokens(model: PeftModel, examples: list[dict[str, list[int]]], pad_id: int | None,
-                topk: int | None = None) -> list[BaseTokens]:
+                topk: int | None = None, *, packed: bool = False) -> list[BaseTokens]:
     """The base model's (adapter off) distributions at the assistant positions of each of ``examples``, forwarded
-    as one padded batch exactly as :func:`cached_alignment_kl_sum` forwards them: computed for the batch a step
-    will draw, the cache then matches that step's current logits bitwise while the adapter is the identity."""
+    as one batch (padded, or ``packed``) exactly as :func:`cached_alignment_kl_sum` forwards them: computed for the
+    batch a step will draw, the cache then matches that step's current logits bitwise while the adapter is the
+    identity."""
     with torch.no_grad(), model.disable_adapter():
-        logits, counts = assistant_logits(model, examples, pad_id)
+        logits, counts = assistant_logits(model, examples, pad_id, packed=packed)
     return [BaseTokens.from_logits(chunk, topk) for chunk in logits.split(counts)]
 
 
-def assistant_logits(model: PeftModel, examples: list[dict[str, list[int]]], pad_id: int | None
-                     ) -> tuple[Tensor, list[int]]:
-    """Logits ``[ΣT_i, V]`` at the positions predicting each example's assistant tokens (rows in batch order) and
-    the counts ``T_i``, the examples forwarded as one right-padded batch.
+def assistant_logits(model: PeftModel, examples: list[dict[str, list[int]]], pad_id: int | None, *,
+                     packed: bool = False) -> tuple[Tensor, list[int]]:
+    """Logits ``[ΣT_i, V]`` at the positions predicting each example's assistant tokens (rows in example order)
+    and the counts ``T_i``, the examples forwarded together in one pass.
 
-    The output head runs only at positions where some example has an assistant token (``logits_to_keep``): the
-    vocabulary projection is a large share of a small model's forward and backward, and the prompt positions
-    carry no KL term. One padded forward costs less than one forward per example (fewer, larger matmuls).
+    Padded (default): one right-padded batch with its attention mask. ``packed``: one row holding the examples
+    back to back, position ids restarting at 0 for each and no attention mask, so no compute goes to padding;
+    transformers then builds a mask that keeps each example to itself, which not every model's attention does
+    (:func:`packing_matches_padding` checks a model). The output head runs only where an assistant token is
+    predicted (``logits_to_keep``): the vocabulary projection is a large share of a small model's pass, and the
+    prompt positions carry no KL term.
     """
-    batch = collate(examples, 0 if pad_id is None else pad_id)
     device = model.device
+    if packed:
+        ids: list[int] = []
+        positions: list[int] = []
+        keep: list[Tensor] = []
+        counts: list[int] = []
+        for example in examples:
+            # logits at position t predict token t + 1; offset by where this example starts in the row
+            targets = (torch.tensor(example["labels"][1:]) != IGNORE_INDEX).nonzero().squeeze(-1)
+            keep.append(targets + len(ids))
+            counts.append(len(targets))
+            positions.extend(range(len(example["input_ids"])))
+            ids.extend(example["input_ids"])
+        out = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
+                    logits_to_keep=torch.cat(keep).to(device), use_cache=False)
+        return out.logits[0], counts
+    batch = collate(examples, 0 if pad_id is None else pad_id)
     mask = batch["labels"][:, 1:].to(device) != IGNORE_INDEX  # logits at position t predict token t + 1
-    positions = mask.any(0).nonzero().squeeze(-1)
+    keep_at = mask.any(0).nonzero().squeeze(-1)
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                logits_to_keep=positions, use_cache=False)
-    return out.logits[mask[:, positions]], mask.sum(1).tolist()
+                logits_to_keep=keep_at, use_cache=False)
+    return out.logits[mask[:, keep_at]], mask.sum(1).tolist()
+
+
+def packing_matches_padding(model: PeftModel, examples: list[dict[str, list[int]]], pad_id: int | None,
+                            max_tv: float | None = None) -> tuple[bool, float]:
+    """Whether ``model`` keeps packed examples apart: the largest total-variation distance between the packed and
+    the padded next-token distributions of ``examples`` (no gradient), and whether it is at most ``max_tv``.
+
+    The default bound is 1e-3 for fp32/fp64 logits and 5e-2 for lower precision (bf16/fp16 under autocast): float
+    rounding of the two layouts stays far below it (fp32: ~1e-8 on the tiny test model), while a model whose
+    attention lets a packed example see the one before it moves the distributions by more.
+    """
+    with torch.no_grad():
+        padded, counts = assistant_logits(model, examples, pad_id)
+        packed, packed_counts = assistant_logits(model, examples, pad_id, packed=True)
+    if counts != packed_counts:
+        return False, float("inf")
+    if not sum(counts):
+        return True, 0.0
+    if max_tv is None:
+        max_tv = 1e-3 if padded.dtype in (torch.float32, torch.float64) else 5e-2
+    tv = 0.5 * (packed.float().softmax(-1) - padded.float().softmax(-1)).abs().sum(-1).max()
+    return bool(tv <= max_tv), float(tv)
 
 
 def alignment_kl_sum(model: PeftModel, batch: dict[str, Tensor], direction: str = "forward") -> tuple[Tensor, int]:
@@ -181,18 +222,19 @@ def alignment_kl_sum(model: PeftModel, batch: dict[str, Tensor], direction: str 
 
 
 def cached_alignment_kl_sum(model: PeftModel, examples: list[dict[str, list[int]]], bases: list[BaseTokens],
-                            pad_id: int | None, direction: str = "forward") -> tuple[Tensor, int]:
+                            pad_id: int | None, direction: str = "forward", *, packed: bool = False
+                            ) -> tuple[Tensor, int]:
     """:func:`alignment_kl_sum` from cached base distributions (:func:`base_tokens`): only the current model runs.
 
-    The examples are forwarded as one padded batch, as :func:`base_tokens` forwards them. When the cache was
-    computed on this very batch, current and base logits are bitwise equal at an identity adapter (LoRA B = 0:
-    the first step), so the KL and its gradient are exactly zero, as without the cache (the surgery is
-    scale-invariant: a rounding residue there would act as a projection direction). Anywhere else, batches of
-    other composition differ from the cache by float rounding only.
+    The examples are forwarded in one pass (padded, or ``packed``), as :func:`base_tokens` forwards them. When the
+    cache was computed on this very batch in the same layout, current and base logits are bitwise equal at an
+    identity adapter (LoRA B = 0: the first step), so the KL and its gradient are exactly zero, as without the
+    cache (the surgery is scale-invariant: a rounding residue there would act as a projection direction).
+    Anywhere else, batches of other composition differ from the cache by float rounding only.
     """
     if not examples:
         raise ValueError("cached_alignment_kl_sum: no examples")
-    logits, counts = assistant_logits(model, examples, pad_id)
+    logits, counts = assistant_logits(model, examples, pad_id, packed=packed)
     cached = [b.scores.shape[0] for b in bases]
     if cached != counts:
         raise ValueError(f"cached base distributions for {cached} tokens, the examples have {counts}")

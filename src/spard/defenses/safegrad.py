@@ -78,6 +78,11 @@ class SafeGradArgs(SafetyPoolArgs):
     base_cache_max_mb: float = 1024.0
     """``auto``: the largest exact cache (MiB, fp32 log-probs at every assistant position of the examples a run
     draws) before ``topk`` is used instead."""
+    pack_alignment: bool = True
+    """Forward the alignment batch as one packed row (the examples back to back, no padding) instead of a padded
+    batch, when the model keeps packed examples apart: checked once at setup on this rank's first planned batch
+    against the padded forward (``spard.alignment_kl.packing_matches_padding``); if they differ, padding is used
+    with a warning. Applies to the cached modes (``base_cache`` not ``none``)."""
 
     def __post_init__(self) -> None:
         check_choice("base_cache", self.base_cache, BASE_CACHE_MODES)
@@ -141,6 +146,8 @@ class SafeGrad(StreamOwner, Defense):
         self.cache_topk: int | None = None
         """None: the cache holds exact logits; else the k of the top-k cache."""
         self.cache_stats: dict[str, float] = {}
+        self.packed = False
+        """Whether the alignment batch is forwarded packed (decided at setup)."""
 
     # -- data -------------------------------------------------------------------------------------------
     def _pick(self, exclude: list[str], seed: int, max_length: int) -> None:
@@ -176,7 +183,10 @@ class SafeGrad(StreamOwner, Defense):
                               f"{len(features)} usable alignment examples")
         self.start_stream(features, seed=self.seed, pad_id=tokenizer.pad_token_id)
         self.base_cache = {}
+        self.packed = False
         if self.args.base_cache != "none":
+            if self.args.pack_alignment:
+                self._decide_packing(trainer)
             self._fill_cache(trainer)
 
     def planned_batches(self, trainer: Trainer) -> list[list[int]]:
@@ -190,6 +200,33 @@ class SafeGrad(StreamOwner, Defense):
         n, size = len(self.stream.features), self.args.alignment_batch_size
         steps = int(getattr(getattr(trainer, "state", None), "max_steps", 0) or 0) or -(-n // size)
         return [self.stream.indices_at(step * size, size, rank, n_ranks) for step in range(steps)]
+
+    def _decide_packing(self, trainer: Trainer) -> None:
+        """Pack the alignment batch if this model keeps packed examples apart (its first planned batch of two or
+        more examples, forwarded both ways in eval mode under the trainer's autocast)."""
+        from spard.alignment_kl import packing_matches_padding
+
+        assert self.stream is not None
+        batch = next((b for b in self.planned_batches(trainer) if len(b) > 1), None)
+        if batch is None:  # one example per step: nothing to pad
+            return
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        try:
+            with trainer.accelerator.autocast():
+                same, tv = packing_matches_padding(model, [self.stream.features[i] for i in batch],
+                                                   self.stream.pad_id)
+        finally:
+            model.train(was_training)
+        self.packed = same
+        if same:
+            log.info("safegrad: alignment batches are forwarded packed (largest difference from padding: total "
+                     "variation %.1e)", tv)
+        else:
+            log.warning("safegrad: this model's attention does not keep packed examples apart (total variation "
+                        "%.3g from the padded forward); alignment batches are padded", tv)
+        self.cache_stats["alignment_packed"] = float(same)
 
     def _fill_cache(self, trainer: Trainer) -> None:
         """Compute the base distributions of the planned examples once (adapter off), batch by batch in the order
@@ -209,9 +246,10 @@ class SafeGrad(StreamOwner, Defense):
         start = time.perf_counter()
         for batch in batches:
             self._ensure_cached(trainer, batch)
-        self.cache_stats = {"base_cache_examples": float(len(self.base_cache)), "base_cache_tokens": float(tokens),
-                            "base_cache_mb": sum(b.nbytes for b in self.base_cache.values()) / 2**20,
-                            "base_cache_seconds": time.perf_counter() - start}
+        self.cache_stats.update({
+            "base_cache_examples": float(len(self.base_cache)), "base_cache_tokens": float(tokens),
+            "base_cache_mb": sum(b.nbytes for b in self.base_cache.values()) / 2**20,
+            "base_cache_seconds": time.perf_counter() - start})
         log.info("safegrad: cached the base distributions of %d alignment examples (%d tokens, %s, %.1f MiB) in "
                  "%.1f s", len(wanted), tokens, "exact" if self.cache_topk is None else f"top-{self.cache_topk}",
                  self.cache_stats["base_cache_mb"], self.cache_stats["base_cache_seconds"])
@@ -230,7 +268,7 @@ class SafeGrad(StreamOwner, Defense):
         try:
             with trainer.accelerator.autocast():
                 bases = base_tokens(model, [self.stream.features[i] for i in batch], self.stream.pad_id,
-                                    self.cache_topk)
+                                    self.cache_topk, packed=self.packed)
         finally:
             model.train(was_training)
         for i, base in zip(batch, bases):
@@ -252,7 +290,7 @@ class SafeGrad(StreamOwner, Defense):
             with trainer.accelerator.autocast():
                 kl_sum, n_local = cached_alignment_kl_sum(model, [self.stream.features[i] for i in mine],
                                                           [self.base_cache[i] for i in mine], self.stream.pad_id,
-                                                          self.args.kl_direction)
+                                                          self.args.kl_direction, packed=self.packed)
         elif mine:
             batch = {k: v.to(trainer.args.device)
                      for k, v in collate([self.stream.features[i] for i in mine], self.stream.pad_id).items()}
