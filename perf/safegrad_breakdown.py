@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/safegrad_breakdown"))
     args = ap.parse_args()
 
-    from spard.config import ModelArgs, load_config
+    from spard.config import ModelArgs
     from spard.models import load_model
 
     # The defense imports these functions from their modules when a step runs, so patching the modules works.
@@ -71,11 +71,7 @@ def main() -> None:
     torch.autograd.grad = timed("backward", autograd_grad)
     torch.set_num_threads(2)
     n = args.steps
-    cfg = load_config(None, [
-        "align.enabled=false", f"data.n_train={8 * n}", f"data.max_length={args.max_length}",
-        "attack.name=harmful_mix", "attack.harmful_ratio=0.1", "train.batch_size=8", f"train.max_steps={n}",
-        "train.seed=0", f"train.output_dir={args.out}", "defense.name=safegrad",
-    ])
+    cfg = step_overhead.bench_config("safegrad", batch_size=8, n_steps=n, max_length=args.max_length, out=args.out)
     base, tokenizer = load_model(ModelArgs())
     records, batches = step_overhead.fixed_batches(cfg, tokenizer, n)
     trainer = step_overhead.DrivenTrainer("safegrad", cfg, base, tokenizer, records, args.out, n)

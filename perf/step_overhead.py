@@ -154,6 +154,23 @@ class DrivenTrainer:
         return time.perf_counter() - start, time.process_time() - cpu_start, hooks
 
 
+def bench_config(defense: str, *, batch_size: int, n_steps: int, max_length: int, out: Path,
+                 stage: str = "finetune", overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """The run config a defense (or, ``stage="align"``, an alignment defense) is timed under: the embedded model,
+    GSM8K + 10 % BeaverTails (or the alignment set), ``n_steps`` batches of ``batch_size``, seed 0."""
+    from spard.config import AlignArgs, load_config
+
+    n = batch_size * n_steps
+    stage_keys = ([f"align.defense.name={defense}", f"train.lr={AlignArgs.lr}", f"train.seed={AlignArgs.seed}",
+                   f"align.max_length={max_length}", f"align.n_safety={n}", f"align.n_benign={n}"]
+                  if stage == "align" else [f"defense.name={defense}"])
+    return load_config(None, [
+        "align.enabled=false", f"data.n_train={n}", f"data.max_length={max_length}", "attack.name=harmful_mix",
+        "attack.harmful_ratio=0.1", f"train.batch_size={batch_size}", f"train.max_steps={n_steps}", "train.seed=0",
+        f"train.output_dir={out}", *stage_keys, *overrides,
+    ])
+
+
 def paired_ratio(xs: list[float], refs: list[float]) -> float:
     """Median over steps of x_i / ref_i (the two measured seconds apart, on the same batch)."""
     return statistics.median(x / r for x, r in zip(xs, refs))
@@ -194,7 +211,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/step_overhead"), help="per-defense run directories")
     args = ap.parse_args()
 
-    from spard.config import AlignArgs, ModelArgs, load_config
+    from spard.config import ModelArgs
     from spard.defenses import get_defense
     from spard.models import load_model
     from spard.registry import ALIGN_DEFENSES
@@ -207,16 +224,8 @@ def main() -> None:
     n_steps = args.warmup + args.steps
 
     def config(d: str) -> Any:
-        return load_config(None, [
-            "align.enabled=false", f"data.n_train={args.batch_size * n_steps}", f"data.max_length={args.max_length}",
-            "attack.name=harmful_mix", "attack.harmful_ratio=0.1", f"train.batch_size={args.batch_size}",
-            f"train.max_steps={n_steps}", "train.seed=0", f"train.output_dir={args.out / d}",
-            *([f"align.defense.name={d}", f"train.lr={AlignArgs.lr}", f"train.seed={AlignArgs.seed}",
-               f"align.max_length={args.max_length}",
-               f"align.n_safety={args.batch_size * n_steps}", f"align.n_benign={args.batch_size * n_steps}"]
-              if args.stage == "align" else [f"defense.name={d}"]),
-            *overrides[d],
-        ])
+        return bench_config(d, batch_size=args.batch_size, n_steps=n_steps, max_length=args.max_length,
+                            out=args.out / d, stage=args.stage, overrides=overrides[d])
 
     t0 = time.perf_counter()
     base, tokenizer = load_model(ModelArgs())

@@ -20,7 +20,9 @@ the DDP reducer's hooks, so it works under HF Trainer's DDP wrapping without a s
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +78,7 @@ class SafeGradArgs(SafetyPoolArgs):
     base_cache_topk: int = 256
     """``topk`` cache: tokens kept per position."""
     base_cache_max_mb: float = 1024.0
-    """``auto``: the largest exact cache (MiB, fp32 log-probs at every assistant position of the examples a run
+    """``auto``: the largest exact cache (MiB, fp32 logits at every assistant position of the examples a run
     draws) before ``topk`` is used instead."""
     pack_alignment: bool = True
     """Forward the alignment batch as one packed row (the examples back to back, no padding) instead of a padded
@@ -185,9 +187,10 @@ class SafeGrad(StreamOwner, Defense):
         self.base_cache = {}
         self.packed = False
         if self.args.base_cache != "none":
+            batches = self.planned_batches(trainer)
             if self.args.pack_alignment:
-                self._decide_packing(trainer)
-            self._fill_cache(trainer)
+                self._decide_packing(trainer, batches)
+            self._fill_cache(trainer, batches)
 
     def planned_batches(self, trainer: Trainer) -> list[list[int]]:
         """This rank's alignment examples at each step of the run: the stream from its start over ``max_steps``
@@ -201,24 +204,31 @@ class SafeGrad(StreamOwner, Defense):
         steps = int(getattr(getattr(trainer, "state", None), "max_steps", 0) or 0) or -(-n // size)
         return [self.stream.indices_at(step * size, size, rank, n_ranks) for step in range(steps)]
 
-    def _decide_packing(self, trainer: Trainer) -> None:
-        """Pack the alignment batch if this model keeps packed examples apart (its first planned batch of two or
-        more examples, forwarded both ways in eval mode under the trainer's autocast)."""
-        from spard.alignment_kl import packing_matches_padding
-
-        assert self.stream is not None
-        batch = next((b for b in self.planned_batches(trainer) if len(b) > 1), None)
-        if batch is None:  # one example per step: nothing to pad
-            return
+    @contextlib.contextmanager
+    def _setup_pass(self, trainer: Trainer) -> Iterator[None]:
+        """A forward outside the training step: eval mode (no dropout) under the trainer's autocast, the model's
+        mode restored afterwards."""
         model = trainer.model
         was_training = model.training
         model.eval()
         try:
             with trainer.accelerator.autocast():
-                same, tv = packing_matches_padding(model, [self.stream.features[i] for i in batch],
-                                                   self.stream.pad_id)
+                yield
         finally:
             model.train(was_training)
+
+    def _decide_packing(self, trainer: Trainer, batches: list[list[int]]) -> None:
+        """Pack the alignment batch if this model keeps packed examples apart (checked on the first planned batch
+        of two or more examples, forwarded both ways)."""
+        from spard.alignment_kl import packing_matches_padding
+
+        assert self.stream is not None
+        batch = next((b for b in batches if len(b) > 1), None)
+        if batch is None:  # one example per step: nothing to pad
+            return
+        with self._setup_pass(trainer):
+            same, tv = packing_matches_padding(trainer.model, [self.stream.features[i] for i in batch],
+                                               self.stream.pad_id)
         self.packed = same
         if same:
             log.info("safegrad: alignment batches are forwarded packed (largest difference from padding: total "
@@ -228,13 +238,12 @@ class SafeGrad(StreamOwner, Defense):
                         "%.3g from the padded forward); alignment batches are padded", tv)
         self.cache_stats["alignment_packed"] = float(same)
 
-    def _fill_cache(self, trainer: Trainer) -> None:
+    def _fill_cache(self, trainer: Trainer, batches: list[list[int]]) -> None:
         """Compute the base distributions of the planned examples once (adapter off), batch by batch in the order
         the steps will draw them; ``auto`` picks exact or top-k by the exact cache's size."""
         import time
 
         a = self.args
-        batches = self.planned_batches(trainer)
         wanted = sorted({i for batch in batches for i in batch})
         vocab = int(trainer.model.get_output_embeddings().weight.shape[0])
         assert self.stream is not None
@@ -256,21 +265,16 @@ class SafeGrad(StreamOwner, Defense):
 
     def _ensure_cached(self, trainer: Trainer, batch: list[int]) -> None:
         """Cache the base distributions of the examples of ``batch`` not cached yet, computed on the whole batch
-        (the padded forward a step runs on it); an example keeps the values of the first batch it was in."""
+        (the forward a step runs on it, padded or packed); an example keeps the values of the first batch it was
+        in."""
         from spard.alignment_kl import base_tokens
 
         if all(i in self.base_cache for i in batch):
             return
         assert self.stream is not None
-        model = trainer.model
-        was_training = model.training
-        model.eval()  # no dropout anywhere in the base pass (the adapter, which has the dropout, is off anyway)
-        try:
-            with trainer.accelerator.autocast():
-                bases = base_tokens(model, [self.stream.features[i] for i in batch], self.stream.pad_id,
-                                    self.cache_topk, packed=self.packed)
-        finally:
-            model.train(was_training)
+        with self._setup_pass(trainer):
+            bases = base_tokens(trainer.model, [self.stream.features[i] for i in batch], self.stream.pad_id,
+                                self.cache_topk, packed=self.packed)
         for i, base in zip(batch, bases):
             self.base_cache.setdefault(i, base.to("cpu"))
 
