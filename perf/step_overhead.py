@@ -112,7 +112,10 @@ class DrivenTrainer:
         lora = cfg.lora
         if stage == "align":  # the alignment stage's defense, adapter and seed (as spard.jobs.align.align)
             self.defense = build(cfg.align.defense)
-            lora = replace(cfg.lora, r=cfg.align.lora_r, alpha=2 * cfg.align.lora_r)
+            from spard.jobs.align import alignment_lora_dropout
+
+            lora = replace(cfg.lora, r=cfg.align.lora_r, alpha=2 * cfg.align.lora_r,
+                           dropout=alignment_lora_dropout(cfg.align))
         else:
             self.defense = get_defense(cfg.defense.name)(cfg.defense)
         ctx = DefenseContext(config=cfg, tokenizer=tokenizer, run_dir=run_dir, seed=cfg.train.seed,

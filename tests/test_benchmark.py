@@ -395,3 +395,29 @@ def test_cli_bench_reports_failures_with_exit_code(tmp_path, capsys, monkeypatch
     out = capsys.readouterr().out
     assert "FAILED cell 0 sft__bt__p0.3__s0: RuntimeError: boom" in out and "0 of 1 cells finished" in out
     assert json.loads(json.dumps(_rows(tmp_path / "out" / "results.csv")))[0]["status"] == "failed"
+
+
+def test_judge_errors_are_marked_and_an_invalid_evaluation_is_a_failed_cell(tmp_path):
+    """Issue 27: an ASR computed with judge errors left out says so (§, judge_errors); an evaluation marked
+    invalid (its judge failed too often) is not a finished cell."""
+    b = small_bench(tmp_path, seeds=[0])
+    run_cells(b, run_fn=fake_run, align_fn=no_align)
+    with_errors, invalid = b.cells[0], b.cells[3]
+    for cell, k, valid in ((with_errors, 2, True), (invalid, 50, False)):
+        path = cell.run_dir / "eval" / "results.json"
+        results = json.loads(path.read_text())
+        results["primary_judge"] = "openai"
+        block = next(iter(results["harm"].values()))
+        block["judges"]["openai"] = {**block["judges"]["keyword"], "error_rate": rate(k, 50)}
+        results["valid"] = valid
+        if not valid:
+            results["invalid_reason"] = "judge 'openai' could not score 50 of 50 replies"
+        atomic_write_json(path, results)
+    assert cell_status(with_errors) == "done" and cell_status(invalid) == "failed"
+    report = collect(b)
+    rows = {r["cell"]: r for r in _rows(b.bench_dir / "results.csv")}
+    assert rows[with_errors.name]["judge_errors"] == "2" and rows[b.cells[1].name]["judge_errors"] == "0"
+    assert rows[invalid.name]["status"] == "failed" and "could not score 50 of 50" in rows[invalid.name]["error"]
+    assert "§" in report.table and "could not score 2 replies in these cells" in report.table
+    sft_row = next(line for line in report.table.splitlines() if line.startswith("| sft |"))
+    assert sft_row.startswith("| sft | 10.0§ |")

@@ -45,11 +45,15 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.multiprocess
-def test_ddp_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("checkpointing", ["false", "true", "reentrant"])
+def test_ddp_two_processes_match_single_process(checkpointing, tmp_path):
+    """The DDP run also checkpoints its layers as ``checkpointing`` says (reentrant: g_a by a plain backward after
+    DDP's, non-reentrant: autograd.grad); the single process does not."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run([sys.executable, str(WORKER), str(single), *OVERRIDES, "train.batch_size=8"], tmp_path)
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(WORKER), str(ddp), *OVERRIDES, "train.batch_size=4"], tmp_path)
+         str(WORKER), str(ddp), *OVERRIDES, "train.batch_size=4", f"train.gradient_checkpointing={checkpointing}"],
+        tmp_path)
 
     info = json.loads((ddp / "worker.json").read_text())
     assert info["world_size"] == 2 and info["distributed_type"] == "MULTI_CPU"

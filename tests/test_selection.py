@@ -176,10 +176,11 @@ def test_relevance_chunked_equals_unchunked_and_formula() -> None:
     small, big = relevance(pool, ref, beta=3.0, chunk=3), relevance(pool, ref, beta=3.0, chunk=4096)
     assert torch.allclose(small, big, rtol=1e-6, atol=1e-7)  # only BLAS blocking may differ
     cos = nnf.normalize(pool, dim=1) @ nnf.normalize(ref, dim=1).T
-    expected = cos.max(dim=1).values.clamp(min=0) ** 3.0
+    best = cos.max(dim=1).values
+    expected = best.abs() ** 3.0  # the reference's max_cos ** beta, up to a sign the DPP kernel ignores
     assert torch.allclose(small, expected, atol=1e-6)
     assert (small >= 0).all() and (small <= 1).all()
-    assert bool((expected == 0).any())  # the clamp at 0 is exercised
+    assert bool((best < 0).any())  # a negative best cosine is exercised: it keeps its magnitude
     assert torch.allclose(relevance(pool, ref, beta=0.0), torch.ones(17))
     with pytest.raises(ValueError):
         relevance(pool, ref[:, :5])
@@ -234,11 +235,15 @@ def test_dpp_picks_relevant_and_diverse_where_topk_picks_duplicates() -> None:
     assert s_dpp["mean_relevance"] > 0.5 and s_dpp["n_selected"] == 2
 
 
-def test_dpp_never_selects_irrelevant_or_duplicate_records(caplog: pytest.LogCaptureFixture) -> None:
+def test_dpp_early_stop_skips_irrelevant_and_duplicates_and_default_fills_k(caplog: pytest.LogCaptureFixture
+                                                                            ) -> None:
     with caplog.at_level(logging.WARNING, logger="spard.selection.select"):
-        picked = select_safety_subset(POOL, TASKS, k=6, embedder=bag_of_words)
+        picked = select_safety_subset(POOL, TASKS, k=6, embedder=bag_of_words, eps=1e-6)
     assert [r.prompt for r in picked] == ["apples sum total", "cost dollars each", "apples sum total please"]
     assert "DPP selected 3 of the 6 requested" in caplog.text
+    # the default (the reference's greedy loop): the same relevant, diverse items first, then k is filled
+    full = select_safety_subset(POOL, TASKS, k=6, embedder=bag_of_words)
+    assert [r.prompt for r in full[:3]] == [r.prompt for r in picked] and len(full) == 6
 
 
 def test_k_from_fraction_and_random_is_seeded() -> None:

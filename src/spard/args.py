@@ -200,7 +200,14 @@ class TrainArgs:
     resume: bool = False
     """Continue an interrupted run from its last checkpoint in ``output_dir``."""
     bf16: str = "auto"
-    """``auto`` (on when a GPU supports it), ``true`` or ``false``."""
+    """bf16 autocast: ``auto`` = on where a GPU supports it, and on a CPU only where a measurement on this machine
+    finds it at least 1.3x faster for this model (``spard.precision``; cached per machine); ``true``; ``false``."""
+    gradient_checkpointing: str = "auto"
+    """Recompute activations in the backward pass instead of keeping them (less memory, one more forward):
+    ``false``; ``true`` (torch's non-reentrant checkpointing, exact for every defense); ``reentrant`` (torch's
+    older mode: SafeGrad and SPARD take their extra gradients with a plain backward there, the alignment-stage
+    defenses Vaccine, Booster and RepNoise refuse it); ``auto`` = ``false``, except ``true`` on an 8/4-bit base
+    (where peft's k-bit preparation would pick ``reentrant``). Applies to the alignment stage too."""
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers the Trainer reports to (``tensorboard``, ``wandb``... when installed); none by default.
     ``metrics.jsonl`` is always written."""
@@ -214,6 +221,8 @@ class TrainArgs:
         check_range("save_steps", self.save_steps, 1)
         check_range("logging_steps", self.logging_steps, 1)
         check_choice("bf16", str(self.bf16).lower(), ["auto", "true", "false"])
+        check_choice("gradient_checkpointing", str(self.gradient_checkpointing).lower(),
+                     ["auto", "false", "true", "reentrant"])
         if self.max_steps == 0 or self.max_steps < -1:
             raise FieldError("max_steps", self.max_steps, "must be -1 (use epochs) or >= 1")
 
@@ -253,6 +262,9 @@ class AlignArgs:
     """Token limit per alignment example."""
     lora_r: int = 16
     """LoRA rank of the alignment adapter (merged into the base afterwards)."""
+    lora_dropout: float | None = None
+    """LoRA dropout of the alignment adapter; ``null`` = the alignment defense's own default: 0 for ``booster``
+    (as its reference, so its finite-difference harmful term is deterministic), else 0.05."""
     seed: int = 1234
     """Seed of the alignment stage (independent of the fine-tuning seed so runs share one aligned model)."""
     output_dir: str | None = None
@@ -267,6 +279,8 @@ class AlignArgs:
         check_range("n_benign", self.n_benign, 0)
         check_range("lr", self.lr, 0.0)
         check_range("batch_size", self.batch_size, 1)
+        if self.lora_dropout is not None:
+            check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
 
 
 GSM8K_PROMPT = 'Solve this math problem step by step.\n{question}\nEnd your answer with a final line "#### <number>".'
@@ -282,6 +296,14 @@ class JudgeArgs(PluginArgs):
     name: str = "keyword"
     """Which judge: ``keyword`` (refusal phrases), ``classifier``, ``openai``, or any other registered in
     ``spard.evaluate.judges``."""
+    max_error_rate: float = 0.05
+    """Largest share of replies the judge may fail to score (``error`` verdicts) in any harm set. Above it the
+    evaluation is invalid: ``results.json`` says ``"valid": false`` and why, and the command exits non-zero
+    (``spard judge`` too). Below it, ASR is over the scored replies and the tables say how many were not.
+    An evaluation with any judge error is never cached. 1.0 accepts any error rate."""
+
+    def __post_init__(self) -> None:
+        check_range("max_error_rate", self.max_error_rate, 0.0, 1.0)
 
 
 @dataclass
@@ -348,6 +370,10 @@ class EvalArgs:
     none (the chat template's default). A defense may set it (PTST's safe-testing prompt)."""
     progress: bool = True
     """Show progress bars."""
+    bf16: str = "auto"
+    """bf16 autocast for generation and scoring: ``auto`` (as ``train.bf16``: a GPU that supports it, or a CPU
+    measured faster in bf16 for this model), ``true`` or ``false``. Recorded in results.json
+    (``environment.bf16_autocast``)."""
 
     def __post_init__(self) -> None:
         self.judge = _as_plugin(self.judge, JudgeArgs)  # type: ignore[assignment]
@@ -369,6 +395,7 @@ class EvalArgs:
         if not 0 < self.top_p <= 1:
             raise FieldError("top_p", self.top_p, "must be in (0, 1]")
         check_choice("protocol", self.protocol, ["heldout", "reference"])
+        check_choice("bf16", str(self.bf16).lower(), ["auto", "true", "false"])
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise FieldError("system_prompt", self.system_prompt, "must be a string or null")
         for name in ("harm_prompt_field", "task_split"):

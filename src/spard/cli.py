@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help=eh, description=eh)
     ev.add_argument("run_dir", help="a run directory written by spard train/run")
     ev.add_argument("overrides", nargs="*", help="eval.key=value overrides")
+    ev.add_argument("--out", default=None, metavar="DIR", help="where to write this evaluation (default: the run's "
+                    "eval/ for its own options, evals/<options>/ for other options: eval/ is never replaced by them)")
     jh = "judge the replies in a JSONL/CSV file of prompt + response rows; write verdicts and the ASR"
     jp = sub.add_parser("judge", help=jh, description=jh + ". Judge options as judge.key=value, e.g. "
                         "spard judge out.jsonl --judge openai judge.model=gpt-4o-mini")
@@ -86,10 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from spard.redact import RedactFilter
+
+    for handler in logging.getLogger().handlers:  # a log redirected to a file must not carry a judge's key
+        handler.addFilter(RedactFilter())
     try:
         return _dispatch(args)
     except SpardError as e:
-        print(f"spard: error: {e}", file=sys.stderr)
+        from spard.redact import redact
+
+        print(f"spard: error: {redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spard: interrupted; rerun with train.resume=true to continue from the last checkpoint",
@@ -121,8 +129,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars: noise between spard's own progress bars
     if args.command == "eval":
-        _, _, table = api.evaluate_before_after(args.run_dir, overrides=args.overrides)
+        _, after, table = api.evaluate_before_after(args.run_dir, overrides=args.overrides, out_dir=args.out)
         print(table)
+        print(f"results: {after.out_dir}")
+        others = [(d, o) for d, o in api.list_evaluations(args.run_dir) if d.resolve() != after.out_dir.resolve()]
+        if others:
+            print("other evaluations of this run:")
+            for d, overrides in others:
+                print(f"  {d}  ({' '.join(overrides) or 'the run config'})")
         return 0
     if args.command == "export":
         exported = api.export(args.run_dir, args.out_dir, merged=args.merged, push_to_hub=args.push_to_hub,
@@ -161,12 +175,23 @@ def _config_path(config: str | None, overrides: list[str]) -> str | None:
 
 
 def _truncation_summary(cfg: object, records: list) -> str:
-    """Tokenise the planned training set with the model's tokenizer (no weights loaded) and count truncation."""
+    """Tokenise the planned training set with the model's tokenizer (no weights loaded) and count truncation.
+    A dry run never executes model code: the tokenizer is loaded with ``trust_remote_code=False`` whatever the
+    config says, and a tokenizer that needs its own code is not loaded at all."""
+    from dataclasses import replace
+
     from spard.data.chat import tokenize_records
     from spard.models import load_tokenizer, resolve_model_path
 
-    model = cfg.model  # type: ignore[attr-defined]
-    tokenizer = load_tokenizer(resolve_model_path(model.name_or_path), model)
+    model = replace(cfg.model, trust_remote_code=False)  # type: ignore[attr-defined]
+    path = resolve_model_path(model.name_or_path)
+    try:
+        tokenizer = load_tokenizer(path, model)
+    except (OSError, ValueError) as e:
+        if not cfg.model.trust_remote_code:  # type: ignore[attr-defined]
+            raise
+        return (f"truncation not counted: the tokenizer of {path} needs its own code (trust_remote_code), which a "
+                f"dry run does not execute ({str(e).splitlines()[0][:160]})")
     _, stats = tokenize_records(tokenizer, records, cfg.data.max_length)  # type: ignore[attr-defined]
     return (f"tokenised with data.max_length={cfg.data.max_length}: {stats.truncated} of {stats.total} "  # type: ignore[attr-defined]
             f"truncated, {stats.no_target} with no reply token left")

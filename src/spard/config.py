@@ -134,6 +134,48 @@ def _lookup(raw: Any, dotted: str) -> Any:
     return raw
 
 
+KEY_ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "lr_scheduler", "max_seq_length": "max_length",
+    "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "model_name_or_path": "name_or_path",
+    "model_name": "name_or_path", "max_new_tokens": "harm_max_new_tokens", "save_limit": "save_total_limit",
+}
+"""Names users bring from ``transformers``/TRL (or guess) -> spard's key, for "did you mean"."""
+
+
+def suggest_keys(key: str, names: Sequence[str], n: int = 3) -> list[str]:
+    """The real keys among ``names`` that a mistyped ``key`` most likely meant, best first: a known alias
+    (``learning_rate`` -> ``lr``, also when the alias itself is mistyped: ``lerning_rate``), a key spelled by the
+    initials of its words (``lr``), then the names closest in spelling."""
+    found: list[str] = []
+    aliases = [a for a, real in KEY_ALIASES.items() if real in names]
+    found += [KEY_ALIASES[a] for a in difflib.get_close_matches(key.lower(), aliases, n=1, cutoff=0.8)]
+    words = [w for w in re.split(r"[^a-z0-9]+", key.lower()) if w]
+    initials = "".join(w[0] for w in words)
+    if len(words) > 1 and initials in names:
+        found.append(initials)
+    found += difflib.get_close_matches(key, list(names), n=n, cutoff=0.6)
+    return list(dict.fromkeys(found))[:n]
+
+
+def _other_plugin_hint(kind: str, key: str, chosen: Any, prefix: str) -> str:
+    """``; 'lambda_align' is an option of defense 'safegrad'`` when ``key`` is (close to) an option of another
+    plugin of the same kind than the one chosen, else ''."""
+    registry = REGISTRIES[kind]
+    owners = []
+    for name in registry.names():
+        if name == chosen:
+            continue
+        options = [f.name for f in dataclasses.fields(registry.args_class(name)) if f.init and f.name != "name"]
+        close = suggest_keys(key, options, n=1)
+        if close:
+            owners.append((close[0], name))
+    if not owners:
+        return ""
+    listed = " or ".join(f"'{prefix}{option}' of {registry.kind} '{name}'" for option, name in owners[:3])
+    return f"; did you mean {listed}? ({prefix}name is {chosen!r}, which has no such option)"
+
+
 def _plugin_kind(cls: Any) -> str:
     return getattr(cls, "plugin_kind", "") if isinstance(cls, type) and issubclass(cls, PluginArgs) else ""
 
@@ -173,8 +215,11 @@ class _Builder:
         for key, value in data.items():
             dotted = prefix + str(key)
             if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {names}"
+                close = suggest_keys(str(key), names)
+                other = _other_plugin_hint(kind, str(key), data.get("name", cls.name), prefix) if kind else ""
+                hint = f"; did you mean '{prefix}{close[0]}'?" if close else other or f"; valid keys: {names}"
+                if len(close) > 1:
+                    hint += " (also close: " + ", ".join(f"'{prefix}{c}'" for c in close[1:]) + ")"
                 raise ConfigError(f"{self.where(dotted)}: unknown config key {dotted!r}{hint}")
             kwargs[key] = self.coerce(hints[key], value, dotted)
         for f in dataclasses.fields(cls):  # nested sections left out still resolve their plugins' own options
@@ -297,7 +342,9 @@ class _Builder:
                     pass
             raise bad("a number")
         if tp is str:
-            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            if isinstance(value, bool):  # YAML reads `true`/`false` as booleans; tri-state keys take them as words
+                return "true" if value else "false"
+            if isinstance(value, (str, int, float)):
                 return str(value)
             raise bad("a string")
         raise bad(_type_name(tp))

@@ -26,3 +26,8 @@ class DataError(SpardError):
 
 class ModelError(SpardError):
     """A model path or id cannot be loaded as asked."""
+
+
+class DefenseSignalError(SpardError):
+    """A defense's own signal (the gradient or loss term it adds to training) is identically zero or not finite
+    at the start of a run: training on would be plain fine-tuning under the defense's name."""

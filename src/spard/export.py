@@ -27,6 +27,7 @@ from spard import CallablePackage
 from spard.errors import SpardError
 from spard.hub import is_hub_id
 from spard.rundir import CONFIG_FILE, FINAL_DIR, TRAIN_RESULT_FILE
+from spard.untrusted import require_safetensors
 
 __all__ = ["ExportResult", "export_run", "check_push_to_hub", "EXPORT_INFO_FILE"]
 
@@ -115,6 +116,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, merged: bool = False
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     base, cfg = _finished_run(run_dir)
+    require_safetensors(base, key=f"{run_dir / TRAIN_RESULT_FILE}: base_model")  # before any work, as load_model
     token = check_push_to_hub(push_to_hub) if push_to_hub else None
     # Merging needs the base in full precision (a 4/8-bit base cannot take the merged weights).
     model_args = replace(cfg.model, name_or_path=base, load_in_8bit=False, load_in_4bit=False)  # type: ignore[attr-defined]

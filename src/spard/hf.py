@@ -42,7 +42,14 @@ from spard.defenses.base import Defense, DefenseContext
 from spard.errors import ConfigError, DataError
 from spard.io import atomic_write_json, atomic_write_jsonl
 from spard.registry import DEFENSES, build
-from spard.rundir import DEFENSE_STATE_FILE
+from spard.rundir import (
+    DEFENSE_STATE_FILE,
+    checkpoint_problem,
+    last_checkpoint,
+    mark_complete,
+    rotate_checkpoints,
+    skipped_checkpoints,
+)
 from spard.trainer import DefenseHookCallback
 
 __all__ = ["DefenseCallback", "add_defense", "augment_dataset", "defense_args", "dataset_prompts",
@@ -268,6 +275,47 @@ def _compute_loss_with_hooks(trainer: Trainer, defense: Defense) -> Any:
     return compute_loss
 
 
+def _train_from_whole_checkpoint(trainer: Trainer) -> Any:
+    """``trainer.train`` whose ``resume_from_checkpoint=True`` takes the newest *whole* checkpoint
+    (:func:`spard.rundir.last_checkpoint`) instead of HF's newest directory, saying which ones it skipped."""
+    original = trainer.train
+
+    def train(resume_from_checkpoint=None, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if resume_from_checkpoint is True:
+            output_dir = Path(trainer.args.output_dir)
+            for skipped, why in skipped_checkpoints(output_dir):
+                log.warning("resume_from_checkpoint=True: skipping %s: not whole (%s)", skipped, why)
+            ckpt = last_checkpoint(output_dir)
+            if ckpt is None:
+                raise ConfigError(f"resume_from_checkpoint=True: {output_dir} holds no whole checkpoint")
+            log.info("resume_from_checkpoint=True: resuming from %s, the newest whole checkpoint", ckpt)
+            resume_from_checkpoint = str(ckpt)
+        return original(resume_from_checkpoint, *args, **kwargs)
+
+    train._spard_wrapped = True  # type: ignore[attr-defined]
+    return train
+
+
+def _resumed_checkpoint(trainer: Trainer, args: Any, step: int) -> Path:
+    """The checkpoint ``trainer.train(resume_from_checkpoint=...)`` loaded: the argument as the trainer's
+    training loop holds it (found on the call stack, like the trainer itself), else
+    ``output_dir/checkpoint-<step>``."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            value = frame.f_locals.get("resume_from_checkpoint")
+            if frame.f_locals.get("self") is trainer and isinstance(value, (str, Path)):
+                return Path(value)
+            frame = frame.f_back
+    finally:
+        del frame
+    return Path(args.output_dir) / f"checkpoint-{step}"
+
+
+def _has_state(defense: Defense) -> bool:
+    return _overrides(type(defense), "state_dict") or _overrides(type(defense), "save_tensors")
+
+
 class DefenseCallback(DefenseHookCallback):
     """Run a spard defense inside any ``transformers.Trainer`` (``trl.SFTTrainer`` included).
 
@@ -278,6 +326,14 @@ class DefenseCallback(DefenseHookCallback):
     statistics to every training log (console, ``log_history``, wandb/tensorboard...), saves the defense's
     state in each checkpoint (and reads it back when ``train(resume_from_checkpoint=...)`` resumes), and
     calls ``after_train`` at ``on_train_end`` (before your own ``save_model``).
+
+    Checkpoints are whole or ignored: ``on_save`` writes ``checkpoint-N/COMPLETE`` after the defense's state
+    (:func:`spard.rundir.mark_complete`). ``train(resume_from_checkpoint=True)`` resumes from the newest whole
+    checkpoint (not HF's newest directory); resuming from a checkpoint that is not whole, under a defense
+    with state, raises a ``ConfigError`` before any step (pass ``spard.rundir.last_checkpoint(output_dir)``).
+    While training, the callback applies ``save_total_limit`` itself, after the marker, so the rotation never
+    deletes the last whole checkpoint before the next one is whole (``args.save_total_limit`` reads ``None``
+    until ``on_train_end``).
 
     Args:
         defense: a registered defense name, or its Args instance.
@@ -311,6 +367,8 @@ class DefenseCallback(DefenseHookCallback):
         self.safety_rows = _safety_rows(safety_data) if safety_data is not None else None
         self.exclude_prompts = list(exclude_prompts)
         self.max_length, self.run_dir, self.seed = max_length, run_dir, seed
+        self._rotation: tuple[Any, int | None] | None = None
+        """(the trainer's args, their save_total_limit) while the callback rotates checkpoints itself."""
 
     # -- finding the trainer ------------------------------------------------------------------------------
     def attach(self, trainer: Trainer) -> DefenseCallback:
@@ -326,6 +384,8 @@ class DefenseCallback(DefenseHookCallback):
         cls = type(self.defense)
         if any(_overrides(cls, h) for h in LOSS_HOOKS) and not getattr(trainer.compute_loss, "_spard_wrapped", False):
             trainer.compute_loss = _compute_loss_with_hooks(trainer, self.defense)  # an instance attribute
+        if callable(getattr(trainer, "train", None)) and not getattr(trainer.train, "_spard_wrapped", False):
+            trainer.train = _train_from_whole_checkpoint(trainer)
         return self
 
     def _find_trainer(self) -> Trainer | None:
@@ -388,18 +448,28 @@ class DefenseCallback(DefenseHookCallback):
             raise ConfigError(f"defense {self.defense_args.name!r} changes the training data; use "
                               "spard.hf.augment_dataset instead of DefenseCallback")
         # train(resume_from_checkpoint=...) has restored global_step by now; read the defense state saved
-        # beside that checkpoint by on_save.
+        # in that checkpoint by on_save.
         self.resume_state = None
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.global_step > 0:
-            if (ckpt / DEFENSE_STATE_FILE).is_file():
+            ckpt = _resumed_checkpoint(trainer, args, state.global_step)
+            problem = checkpoint_problem(ckpt) if ckpt.is_dir() else "no such directory"
+            if problem is not None and _has_state(self.defense):
+                newest = last_checkpoint(Path(args.output_dir))
+                raise ConfigError(
+                    f"DefenseCallback({self.defense_args.name!r}): resumed from {ckpt}, which is not a whole "
+                    f"checkpoint ({problem}); the defense's state would silently start afresh. Resume with "
+                    f"trainer.train(resume_from_checkpoint=spard.rundir.last_checkpoint(output_dir)) (here: "
+                    f"{newest})")
+            if problem is not None:
+                log.warning("resumed from %s, which is not a whole checkpoint (%s)", ckpt, problem)
+            elif (ckpt / DEFENSE_STATE_FILE).is_file():
                 self.resume_state = json.loads((ckpt / DEFENSE_STATE_FILE).read_text())
-            else:
-                log.warning("resumed at step %d without %s: the defense starts afresh", state.global_step,
-                            ckpt / DEFENSE_STATE_FILE)
+        if self._rotation is None or self._rotation[0] is not args:
+            self._rotation = (args, args.save_total_limit)
+        args.save_total_limit = None  # applied by on_save, after the marker
         super().on_train_begin(args, state, control, **kwargs)
         if self.resume_state is not None:
-            self.defense.load_tensors(ckpt)
+            self.defense.load_tensors(_resumed_checkpoint(trainer, args, state.global_step))
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
         if not logs or "loss" not in logs:
@@ -411,12 +481,21 @@ class DefenseCallback(DefenseHookCallback):
             last.update(stats)  # Trainer.log appended its copy of ``logs`` before calling the callbacks
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.trainer is not None:
+            self.trainer.accelerator.wait_for_everyone()  # every rank's files are in before rank 0 marks it
         if args.should_save:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             atomic_write_json(ckpt / DEFENSE_STATE_FILE, self.defense.state_dict())
             self.defense.save_tensors(ckpt)
+            mark_complete(ckpt)
+            limit = self._rotation[1] if self._rotation is not None else None
+            best = state.best_model_checkpoint
+            rotate_checkpoints(Path(args.output_dir), limit, protect=[Path(best)] if best else [])
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self._rotation is not None and self._rotation[0] is args:
+            args.save_total_limit = self._rotation[1]
+            self._rotation = None
         if self.trainer is not None:
             self.defense.after_train(self.trainer)
 

@@ -1,4 +1,7 @@
-"""Atomic file writes: a result or config file is either complete or absent, never half-written."""
+"""Atomic file writes: a result or config file is either complete or absent, never half-written.
+
+Every text these helpers write passes :func:`spard.redact.redact` (a judge's API key, ``Authorization`` /
+``Bearer`` tokens), so no result, sample, metrics row or error file carries a secret to the disk."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from spard.redact import redact
 
 
 @contextlib.contextmanager
@@ -33,7 +38,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same directory, fsync and ``os.replace``."""
+    """Write ``text`` (redacted) to ``path`` via a temp file in the same directory, fsync and ``os.replace``."""
+    text = redact(text)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -54,4 +60,4 @@ def append_jsonl(path: str | Path, row: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        f.write(redact(json.dumps(row, ensure_ascii=False, default=str)) + "\n")

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from spard.args import ModelArgs
 from spard.errors import ModelError
 from spard.hub import ensure_reachable, is_hub_id
+from spard.untrusted import require_safetensors, warn_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ def pick_dtype(torch_dtype: str) -> torch.dtype:
 
 
 def load_tokenizer(path: str, args: ModelArgs) -> PreTrainedTokenizerBase:
+    if args.trust_remote_code:
+        warn_remote_code(path)
     tok = AutoTokenizer.from_pretrained(path, revision=args.revision, trust_remote_code=args.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -141,6 +144,7 @@ def load_tokenizer(path: str, args: ModelArgs) -> PreTrainedTokenizerBase:
 def load_model(args: ModelArgs, *, device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base model and tokenizer named by ``args`` (on ``device``, default cuda if present)."""
     path = resolve_model_path(args.name_or_path)
+    require_safetensors(path, key="model.name_or_path")
     kwargs: dict[str, Any] = dict(
         dtype=pick_dtype(args.torch_dtype),
         revision=args.revision,
@@ -179,7 +183,24 @@ def load_model(args: ModelArgs, *, device: str | None = None) -> tuple[PreTraine
     return model, tokenizer
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "config.json")
+"""The files of a local model directory whose change changes the model (and so every cache keyed by it)."""
+
+
+def weights_fingerprint(directory: str | Path) -> list[list[Any]]:
+    """Name, size and modification time (ns) of each weight, index and config file of a local model directory:
+    a weight file rewritten in place changes it without hashing gigabytes."""
+    directory = Path(directory)
+    files = sorted({p for pattern in WEIGHT_PATTERNS for p in directory.glob(pattern) if p.is_file()})
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 def model_fingerprint(args: ModelArgs) -> str:
-    """A short stable id of a model choice, for cache keys."""
-    blob = json.dumps({"name": args.name_or_path, "revision": args.revision}, sort_keys=True)
+    """A short stable id of a model choice, for cache keys: name and revision, and for a local directory
+    the :func:`weights_fingerprint` of its files (so an aligned model built from older weights is not reused)."""
+    key: dict[str, Any] = {"name": args.name_or_path, "revision": args.revision}
+    local = Path(args.name_or_path).expanduser()
+    if args.name_or_path != EMBEDDED and local.is_dir():
+        key["weights"] = weights_fingerprint(local)
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

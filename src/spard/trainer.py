@@ -17,17 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
 from spard.args import LoraArgs, TrainArgs
+from spard.checkpointing import OFF, checkpointing_mode, enable_checkpointing, resolve_setting
 from spard.data.chat import collate, tokenize_records
 from spard.data.records import Record
 from spard.defenses.base import Defense
 from spard.errors import ConfigError
 from spard.io import append_jsonl, atomic_write_json, atomic_write_jsonl
-from spard.rundir import DEFENSE_STATE_FILE, FINAL_DIR, METRICS_FILE, checkpoint_step
+from spard.precision import use_bf16
+from spard.rundir import (
+    DEFENSE_STATE_FILE,
+    FINAL_DIR,
+    METRICS_FILE,
+    checkpoint_problem,
+    checkpoint_step,
+    mark_complete,
+    rotate_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +77,21 @@ class SpardTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _save_checkpoint(self, model, trial) -> None:  # noqa: ANN001
-        super()._save_checkpoint(model, trial)
+        # The checkpoint is whole only once the defense's state is in it too: HF's rotation (which would run at
+        # the end of super()'s save and may delete the previous, whole checkpoint) waits for the marker.
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's RNG file is written before rank 0 marks it whole
         if self.args.should_save:
             ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             atomic_write_json(ckpt / DEFENSE_STATE_FILE, self.defense.state_dict())
             self.defense.save_tensors(ckpt)
+            mark_complete(ckpt)
+            rotate_checkpoints(Path(self.args.output_dir), limit)
 
 
 class DefenseHookCallback(TrainerCallback):
@@ -113,10 +133,16 @@ class DefenseHookCallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------------------
 # setup
 # ---------------------------------------------------------------------------------------------------------
-def add_lora(model: PreTrainedModel, lora: LoraArgs, seed: int) -> PeftModel:
-    """Wrap ``model`` with a fresh LoRA adapter (initialisation seeded)."""
-    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model)
+def add_lora(model: PreTrainedModel, lora: LoraArgs, seed: int, *, gradient_checkpointing: str | bool = "auto"
+             ) -> PeftModel:
+    """Wrap ``model`` with a fresh LoRA adapter (initialisation seeded), with gradient checkpointing as
+    ``gradient_checkpointing`` (``train.gradient_checkpointing``) says; an 8/4-bit base goes through peft's
+    k-bit preparation first."""
+    k_bit = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+    mode = resolve_setting(gradient_checkpointing, k_bit=k_bit)
+    model = enable_checkpointing(model, mode, k_bit=k_bit)
+    if mode != OFF:
+        log.info("gradient checkpointing: %s%s", mode.replace("_", "-"), " (8/4-bit base)" if k_bit else "")
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in lora.target_modules if m not in present]
     if missing:
@@ -128,11 +154,11 @@ def add_lora(model: PreTrainedModel, lora: LoraArgs, seed: int) -> PeftModel:
         return get_peft_model(model, config)
 
 
-def training_arguments(args: TrainArgs, run_dir: Path) -> TrainingArguments:
+def training_arguments(args: TrainArgs, run_dir: Path, model: torch.nn.Module | None = None) -> TrainingArguments:
+    """The Trainer's arguments for ``args``; ``train.bf16=auto`` is decided for ``model`` (on a CPU: measured,
+    :mod:`spard.precision`)."""
     on_gpu = torch.cuda.is_available()
-    bf16 = str(args.bf16).lower() == "true" or (
-        str(args.bf16).lower() == "auto" and on_gpu and torch.cuda.is_bf16_supported()
-    )
+    bf16 = use_bf16(args.bf16, model=model)
     return TrainingArguments(
         output_dir=str(run_dir),
         per_device_train_batch_size=args.batch_size,
@@ -158,8 +184,25 @@ def training_arguments(args: TrainArgs, run_dir: Path) -> TrainingArguments:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,  # pinning needs an accelerator; on a CPU it only warns
+        # HF searches for unused parameters in a PeftModel by default, which DDP cannot do through reentrant
+        # checkpoints ("mark a variable ready only once"); every LoRA parameter is used in every forward anyway
+        ddp_find_unused_parameters=False if model is not None and checkpointing_mode(model) != OFF else None,
         disable_tqdm=False,
     )
+
+
+def resume_state(ckpt: Path) -> dict[str, Any]:
+    """The defense state saved in checkpoint ``ckpt``; refuses a checkpoint that is not whole (its save was
+    interrupted: the defense's state may be missing or older than the weights), naming the reason."""
+    problem = checkpoint_problem(ckpt)
+    if problem is not None:
+        raise ConfigError(f"cannot resume from {ckpt}: the checkpoint is not whole ({problem}); resume from the "
+                          "newest whole one (spard.rundir.last_checkpoint) instead")
+    path = Path(ckpt) / DEFENSE_STATE_FILE
+    if not path.is_file():  # a whole checkpoint always has it; a hand-edited one may not
+        raise ConfigError(f"cannot resume from {ckpt}: {DEFENSE_STATE_FILE} is missing, so the defense would "
+                          "silently start afresh")
+    return json.loads(path.read_text())
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -189,7 +232,7 @@ def fit(
     features, stats = tokenize_records(tokenizer, records, max_length, desc="tokenize train set")
     if not any(any(t != -100 for t in f["labels"]) for f in features):
         raise ConfigError(f"no training example has an assistant token within max_length={max_length}")
-    peft_model = add_lora(model, lora, args.seed)
+    peft_model = add_lora(model, lora, args.seed, gradient_checkpointing=args.gradient_checkpointing)
     metrics_path = run_dir / METRICS_FILE
     if resume_from is not None:
         _truncate_metrics(metrics_path, checkpoint_step(resume_from))
@@ -197,7 +240,7 @@ def fit(
         metrics_path.unlink()
     trainer = SpardTrainer(
         model=peft_model,
-        args=training_arguments(args, run_dir),
+        args=training_arguments(args, run_dir, peft_model),
         train_dataset=features,
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
         processing_class=tokenizer,
@@ -205,9 +248,8 @@ def fit(
         metrics_path=metrics_path,
         callbacks=callbacks,
     )
-    if resume_from is not None and (resume_from / DEFENSE_STATE_FILE).is_file():
-        trainer.resume_defense_state = json.loads((resume_from / DEFENSE_STATE_FILE).read_text())
     if resume_from is not None:
+        trainer.resume_defense_state = resume_state(resume_from)
         trainer.resume_defense_dir = resume_from
     start = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -47,6 +47,9 @@ class AlignDefense(Defense):
 
     name: ClassVar[str] = "align_base"
     Args: ClassVar[type[AlignDefenseArgs]] = AlignDefenseArgs  # type: ignore[assignment]
+    lora_dropout: ClassVar[float | None] = None
+    """The alignment adapter's LoRA dropout under this defense when ``align.lora_dropout`` is null; None =
+    the alignment stage's default (:data:`spard.jobs.align.ALIGN_LORA_DROPOUT`)."""
 
     def harmful_records(self, align: AlignArgs) -> list[Record]:
         """The harmful (prompt, answer) pairs the alignment stage trains against; none by default."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from spard.align_defenses.base import HarmfulDataArgs, HarmfulDataDefense, register
 from spard.align_defenses.vaccine import NORM_EPS, joint_norm
 from spard.args import check_range
+from spard.signal_guard import SignalGuard
 
 if TYPE_CHECKING:
     import torch
@@ -74,11 +75,12 @@ def shifted_harmful_gradients(model: torch.nn.Module, batch: dict[str, Tensor], 
                               ) -> tuple[list[Tensor], list[Tensor], float, float]:
     """``∇h(θ)``, ``∇h(θ − α ∇h/‖∇h‖)`` over ``model``'s trainable parameters, and the two harmful losses.
 
-    The shifted pass runs through ``torch.func.functional_call`` on shifted copies of the trainable
-    parameters: the weights are never modified in place (the reference subtracts the step from ``.data``
-    and adds it back, which is not exact in floating point, and here the alignment batch's graph, already
-    built by the trainer, still needs the unshifted weights)."""
-    import torch
+    The shifted pass runs on shifted copies of the trainable parameters swapped into the module: the weights
+    are never modified in place (the reference subtracts the step from ``.data`` and adds it back, which is not
+    exact in floating point, and here the alignment batch's graph, already built by the trainer, still needs
+    the unshifted weights). The copies stay swapped in until their gradient is taken, since gradient
+    checkpointing recomputes the layers during that backward and must see the same weights."""
+    from torch.nn.utils.stateless import _reparametrize_module
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -86,8 +88,9 @@ def shifted_harmful_gradients(model: torch.nn.Module, batch: dict[str, Tensor], 
     g_harm = _grads(loss, params)
     step = normalised_step(g_harm, alpha)
     shifted = {n: (p.detach() - s).requires_grad_(True) for (n, p), s in zip(named, step)}
-    loss_shifted = torch.func.functional_call(model, shifted, args=(), kwargs=batch, strict=False).loss
-    g_shifted = _grads(loss_shifted, list(shifted.values()))
+    with _reparametrize_module(model, shifted):
+        loss_shifted = model(**batch).loss
+        g_shifted = _grads(loss_shifted, list(shifted.values()))
     return g_harm, g_shifted, float(loss.detach()), float(loss_shifted.detach())
 
 
@@ -105,6 +108,21 @@ class Booster(HarmfulDataDefense):
     name = "booster"
     Args = BoosterArgs
     args: BoosterArgs
+    # The reference aligns with lora_dropout=0: with dropout the two harmful passes see different masks and
+    # λ(∇h(θ) − ∇h(θ')) is dominated by that noise rather than by the step.
+    lora_dropout = 0.0
+
+    def __init__(self, args: BoosterArgs) -> None:
+        super().__init__(args)
+        self.guard = SignalGuard(self.name, "attenuation term (lambda * gradient difference) norm")
+
+    def setup(self, trainer: Trainer) -> None:
+        from spard.checkpointing import refuse_reentrant
+
+        refuse_reentrant(trainer.model, "align.defense.name='booster'", "its harmful gradients are taken inside "
+                         "the training step, where only torch.autograd.grad is safe")
+        self.guard = SignalGuard(self.name, "attenuation term (lambda * gradient difference) norm")
+        super().setup(trainer)
 
     def loss(self, trainer: Trainer, model: torch.nn.Module, inputs: dict[str, Tensor],
              loss: Tensor, outputs: Any) -> Tensor:
@@ -116,6 +134,8 @@ class Booster(HarmfulDataDefense):
         with trainer.accelerator.autocast():
             g_harm, g_shifted, h0, h1 = shifted_harmful_gradients(net, batch, self.args.alpha)
         extra = booster_regulariser(g_harm, g_shifted, self.args.lamb)
+        if self.args.lamb > 0:
+            self.guard.observe(float(joint_norm(extra)), trainer.state.global_step + 1)
         self.last = {"booster_harmful_loss": h0, "booster_harmful_loss_shifted": h1,
                      "booster_harmful_drop": h0 - h1, "booster_reg_norm": float(joint_norm(extra))}
         return with_extra_gradient(loss, params, extra)

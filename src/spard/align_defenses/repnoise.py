@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from spard.align_defenses.base import HarmfulDataArgs, HarmfulDataDefense, layer_modules, register
 from spard.args import check_range
 from spard.data.chat import IGNORE_INDEX
+from spard.signal_guard import SignalGuard
 
 if TYPE_CHECKING:
     import torch
@@ -138,6 +139,20 @@ class RepNoise(HarmfulDataDefense):
     Args = RepNoiseArgs
     args: RepNoiseArgs
 
+    def __init__(self, args: RepNoiseArgs) -> None:
+        super().__init__(args)
+        self.noise_guard = SignalGuard(self.name, "noise (MMD) term, as a differentiable value,")
+        self.harmful_guard = SignalGuard(self.name, "harmful-loss term, as a differentiable value,")
+
+    def setup(self, trainer: Trainer) -> None:
+        from spard.checkpointing import refuse_reentrant
+
+        refuse_reentrant(trainer.model, "align.defense.name='repnoise'", "the MLP activations its noise term is "
+                         "computed on carry no gradient there")
+        self.noise_guard = SignalGuard(self.name, "noise (MMD) term, as a differentiable value,")
+        self.harmful_guard = SignalGuard(self.name, "harmful-loss term, as a differentiable value,")
+        super().setup(trainer)
+
     def harmful_terms(self, model: torch.nn.Module, batch: dict[str, Tensor], noise: Sequence[Tensor] | None = None
                       ) -> tuple[Tensor, Tensor]:
         """The noise MMD and the layer-averaged harmful loss ``H`` of ``batch`` under ``model``. The mask
@@ -172,6 +187,12 @@ class RepNoise(HarmfulDataDefense):
         with trainer.accelerator.autocast():
             noise_term, harmful = self.harmful_terms(trainer.model, batch)
         total = repnoise_loss(loss, noise_term, harmful, self.args.alpha, self.args.beta)
+        step = trainer.state.global_step + 1
+        # a term that does not require grad adds nothing to the step (a cut graph): observed as 0
+        if self.args.beta > 0:
+            self.noise_guard.observe(abs(float(noise_term.detach())) if noise_term.requires_grad else 0.0, step)
+        if self.args.alpha > 0:
+            self.harmful_guard.observe(abs(float(harmful.detach())) if harmful.requires_grad else 0.0, step)
         self.last = {"repnoise_harmless_loss": float(loss.detach()), "repnoise_mmd": float(noise_term.detach()),
                      "repnoise_harmful_loss": float(harmful.detach()) - 1.0}
         return total

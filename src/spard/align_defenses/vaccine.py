@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from spard.align_defenses.base import AlignDefense, layer_modules, register
 from spard.args import AlignDefenseArgs, check_range
 from spard.errors import ConfigError
+from spard.signal_guard import SignalGuard
 
 if TYPE_CHECKING:
     import torch
@@ -108,6 +109,7 @@ class Vaccine(AlignDefense):
         self.hooks: _ActivationHooks | None = None
         self._inner = False
         self._num_items: Any = None
+        self.guard = SignalGuard(self.name, "attention-output gradient norm")
         self.last: dict[str, float] = {}
 
     def setup(self, trainer: Trainer) -> None:
@@ -115,12 +117,23 @@ class Vaccine(AlignDefense):
             # The first pass takes gradients to activations only; under DDP that forward would leave the
             # reducer waiting for a backward that never comes.
             raise ConfigError("align.defense.name='vaccine' runs in one process only (not under DDP)")
+        from spard.checkpointing import refuse_reentrant
+
+        refuse_reentrant(trainer.model, "align.defense.name='vaccine'", "the attention outputs it perturbs are "
+                         "computed without autograd there")
         self.hooks = _ActivationHooks(layer_modules(trainer.model, "self_attn"))
+        self.guard = SignalGuard(self.name, "attention-output gradient norm")
 
     def training_batch(self, trainer: Trainer, inputs: dict[str, Tensor], num_items_in_batch: Any
                        ) -> tuple[dict[str, Tensor], Any]:
         self._num_items = num_items_in_batch  # so the second pass normalises its loss as the first did
+        if self.hooks is not None and not self._inner:
+            self.hooks.clear()  # the last micro-batch's perturbation, kept through its backward
         return inputs, num_items_in_batch
+
+    def before_optimizer_step(self, trainer: Trainer) -> None:
+        if self.hooks is not None:
+            self.hooks.clear()
 
     def loss(self, trainer: Trainer, model: torch.nn.Module, inputs: dict[str, Tensor],
              loss: Tensor, outputs: Any) -> Tensor:
@@ -139,10 +152,16 @@ class Vaccine(AlignDefense):
         self._inner = True
         try:
             perturbed = trainer.compute_loss(model, inputs, num_items_in_batch=self._num_items)
+        except BaseException:
+            hooks.clear()
+            raise
         finally:
             self._inner = False
-            hooks.clear()
+        # The perturbation stays on until the next micro-batch (or the optimizer step): gradient checkpointing
+        # recomputes the perturbed layers during the trainer's backward of this loss, and they must see it again.
         grad_norm = float(joint_norm(grads))
+        if self.args.rho > 0:
+            self.guard.observe(grad_norm, trainer.state.global_step + 1)
         self.last = {"vaccine_loss_clean": float(loss.detach()), "vaccine_act_grad_norm": grad_norm,
                      "vaccine_loss_perturbed": float(perturbed.detach())}
         if not math.isfinite(grad_norm):

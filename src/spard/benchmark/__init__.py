@@ -24,6 +24,7 @@ from spard.benchmark.results import CellResult, collect_results
 from spard.benchmark.runner import CellOutcome, RunFn, run_cell, run_cells
 from spard.benchmark.status import cell_status
 from spard.config import RunConfig
+from spard.rundir import check_writable_dir
 
 __all__ = ["bench", "collect", "load_bench", "run_cells", "run_cell", "format_cell_list", "cell_status", "Bench",
            "BenchConfig", "Cell", "CellOutcome", "CellResult", "BenchReport", "BenchResult", "RunFn"]
@@ -101,6 +102,7 @@ def bench(
     (default :func:`run_cell`, i.e. ``spard.api.run``); ``align_fn`` the alignment stage (``spard.api.align``).
     """
     b = config if isinstance(config, Bench) else load_bench(config, output_dir=output_dir)
+    check_writable_dir(b.bench_dir, "output_dir (bench)")  # before any cell's compute
     if collect_only:
         return BenchResult(b, [], collect(b))
     outcomes = run_cells(b, indices=None if cell is None else [cell], run_fn=run_fn, align_fn=align_fn, retry=retry)

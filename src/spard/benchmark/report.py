@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from spard.benchmark.grid import Bench, ratio_text
-from spard.benchmark.results import CellResult, before_results, harm_summary, task_accuracy
+from spard.benchmark.results import CellResult, before_results, harm_summary, primary_judge_errors, task_accuracy
 from spard.benchmark.stats import AVERAGE, PairedTest, paired_tests, reference_labels
 from spard.evaluate.tasks import task_class
 from spard.io import atomic_write_text
 from spard.registry import TASKS, build
 
 CSV_HEAD = ["index", "cell", "defense", "defense_name", "task", "attack", "attack_kind", "harmful_source", "ratio",
-            "seed", "status", "judge", "n_harm", "asr_pct", "refusal_pct"]
+            "seed", "status", "judge", "n_harm", "asr_pct", "refusal_pct", "judge_errors"]
 CSV_TAIL = ["task_acc_pct", "train_seconds", "seconds_per_step", "steps", "eval_seconds", "run_dir", "error"]
 """results.csv columns; between them one ``<task csv_column>_pct`` column per utility task evaluated."""
 MISSING = "–"
@@ -62,7 +62,7 @@ def csv_row(r: CellResult) -> dict[str, Any]:
         "index": c.index, "cell": c.name, "defense": c.defense, "defense_name": c.config.defense.name,
         "task": c.task, "attack": c.attack, "attack_kind": c.attack_kind, "harmful_source": source,
         "ratio": "" if c.ratio is None else c.ratio, "seed": c.seed, "status": r.status, "judge": r.judge,
-        "n_harm": r.n_harm, "asr_pct": _pct(r.asr), "refusal_pct": _pct(r.refusal_rate),
+        "n_harm": r.n_harm, "asr_pct": _pct(r.asr), "refusal_pct": _pct(r.refusal_rate), "judge_errors": r.judge_errors,
         **{task_column(t): _pct(v) if task_is_rate(t) else (None if v is None else round(v, 5))
            for t, v in r.task_metrics.items()}, "task_acc_pct": _pct(r.task_acc),
         "train_seconds": r.train_seconds, "seconds_per_step": r.seconds_per_step, "steps": r.steps,
@@ -195,7 +195,9 @@ def _before_line(before: dict[str, Any] | None, tasks: list[str]) -> str | None:
     if not before:
         return None
     _, asr, _, _ = harm_summary(before)
-    parts = [f"ASR {100 * asr:.1f}" if asr is not None else None]
+    errors = primary_judge_errors(before)
+    parts = [f"ASR {100 * asr:.1f}" + (f" (over scored replies; {errors} judge errors left out)" if errors else "")
+             if asr is not None else None]
     for t in dict.fromkeys([*tasks, *(before.get("tasks") or {})]):  # fine-tuning task(s) first, then the rest
         acc = task_accuracy(before, t)
         if acc is not None:
@@ -223,6 +225,29 @@ def significance_marks(tests: list[PairedTest], task: str, reference: str | None
         elif t.a == focus:
             add(t.b, t.column, "†")
     return marks
+
+
+JUDGE_ERROR_MARK = "§"
+
+
+def judge_error_marks(rows: list[CellResult], task: str) -> dict[tuple[str, Any], str]:
+    """``§`` on every ASR entry that includes a cell whose judge could not score some replies: that ASR is over
+    the scored replies only, and the table says so."""
+    marks: dict[tuple[str, Any], str] = {}
+    for r in rows:
+        if r.ok and r.judge_errors and r.cell.task == task:
+            for column in r.cell.columns:
+                marks[(r.cell.defense, column)] = JUDGE_ERROR_MARK
+                marks[(r.cell.defense, "average")] = JUDGE_ERROR_MARK
+    return marks
+
+
+def _merge_marks(*dicts: dict[tuple[str, Any], str]) -> dict[tuple[str, Any], str]:
+    out: dict[tuple[str, Any], str] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, "") + v
+    return out
 
 
 def _tests_text(tests: list[PairedTest], task: str) -> list[str]:
@@ -253,6 +278,10 @@ def format_table(bench: Bench, rows: list[CellResult]) -> str:
                    f"harm sets {', '.join(ev.harm_sets)}{n_text}.")
     out.append(f"Columns: attack (p = harmful ratio). {_attack_legend(bench)}.")
     tests = paired_tests(bench, rows)
+    errors = sum(r.judge_errors or 0 for r in rows if r.ok)
+    if errors:
+        out.append(f"{JUDGE_ERROR_MARK} ASR over the replies the judge scored: it could not score {errors} replies in "
+                   "these cells (within eval.judge.max_error_rate; counts in results.csv judge_errors).")
     if any(t.n_pairs for t in tests):
         out.append("ASR marks: ‡ differs from sft, † differs from spard (exact McNemar test on the same prompts "
                    "and seeds, p < 0.05; the average column pools all columns).")
@@ -266,7 +295,8 @@ def format_table(bench: Bench, rows: list[CellResult]) -> str:
         h = "###" if multi else "##"
         out += ["", f"{h} ASR (%) ↓ (fine-tuned on {task})", "",
                 metric_table(bench, asr, task, lower_is_better=True,
-                             marks=significance_marks(tests, task, *reference_labels(bench)))]
+                             marks=_merge_marks(significance_marks(tests, task, *reference_labels(bench)),
+                                                judge_error_marks(rows, task)))]
         out += _tests_text(tests, task)
         out += ["", f"{h} {title} (%) ↑", "", metric_table(bench, acc, task, lower_is_better=False)]
         for name in extra:

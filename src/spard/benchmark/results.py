@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from spard.benchmark.grid import Bench, Cell
-from spard.benchmark.status import cell_status
+from spard.benchmark.status import cell_status, invalid_reason
 from spard.evaluate.tasks import task_class
 from spard.registry import TASKS
 from spard.rundir import BEFORE_FILE, ERROR_FILE, EVAL_DIR, TRAIN_RESULT_FILE, results_path
@@ -36,6 +36,8 @@ class CellResult:
     judge: str | None = None
     n_harm: int | None = None
     """Harmful prompts scored."""
+    judge_errors: int | None = None
+    """Replies the primary judge could not score (left out of ``asr``; within ``eval.judge.max_error_rate``)."""
     train_seconds: float | None = None
     seconds_per_step: float | None = None
     steps: int | None = None
@@ -68,6 +70,14 @@ def harm_summary(results: dict[str, Any]) -> tuple[str | None, float | None, flo
     return judge, _value(m.get("asr")), _value(m.get("refusal_rate")), n
 
 
+def primary_judge_errors(results: dict[str, Any]) -> int:
+    """Replies the primary judge (the one :func:`harm_summary` reads) could not score, over all harm sets."""
+    judge = harm_summary(results)[0]
+    harm = results.get("harm") or {}
+    return sum(((((block.get("judges") or {}).get(judge) or {}).get("error_rate") or {}).get("k") or 0)
+               for name, block in harm.items() if not (name == "all" and len(harm) > 1))
+
+
 def task_accuracy(results: dict[str, Any], task: str) -> float | None:
     """A utility task's headline metric (``metrics["accuracy"]``, or the ``headline`` the task declares, e.g.
     ``task_nll``'s loss), None if not evaluated."""
@@ -94,8 +104,10 @@ def read_cell(cell: Cell) -> CellResult:
         row.train_seconds, row.seconds_per_step, row.steps = (m.get(k) for k in ("train_seconds", "seconds_per_step",
                                                                                   "steps"))
     if status == "failed":
-        lines = (cell.run_dir / ERROR_FILE).read_text(encoding="utf-8", errors="replace").strip().splitlines()
-        row.error = lines[-1] if lines else "failed"
+        error_file = cell.run_dir / ERROR_FILE
+        lines = (error_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+                 if error_file.is_file() else [])
+        row.error = lines[-1] if lines else (invalid_reason(cell.run_dir) or "failed")
     if status != "done":
         return row
     results = _read_json(results_path(cell.run_dir))
@@ -103,6 +115,7 @@ def read_cell(cell: Cell) -> CellResult:
         row.status, row.error = "failed", "eval/results.json is not valid JSON"
         return row
     row.judge, row.asr, row.refusal_rate, row.n_harm = harm_summary(results)
+    row.judge_errors = primary_judge_errors(results)
     row.task_metrics = {name: task_accuracy(results, name) for name in results.get("tasks") or {}}
     row.task_acc = task_accuracy(results, cell.task)
     row.eval_seconds = (results.get("timings") or {}).get("total_s")

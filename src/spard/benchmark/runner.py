@@ -22,11 +22,13 @@ from spard.benchmark.grid import Bench, Cell
 from spard.benchmark.status import cell_status, stale_reason
 from spard.errors import SpardError
 from spard.io import atomic_write_text
+from spard.locking import DirectoryLocked, dir_lock
+from spard.redact import RedactFilter
 from spard.rundir import (
     ERROR_FILE,
     FINAL_DIR,
     TRAIN_RESULT_FILE,
-    last_checkpoint,
+    checkpoints,
 )
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ def _attempt_config(cell: Cell) -> RunConfig:
     """The cell's config, with ``train.resume`` on when an earlier attempt left checkpoints or an adapter
     (``spard train`` refuses to overwrite those otherwise, and resuming saves the steps already done)."""
     d = cell.run_dir
-    resume = last_checkpoint(d) is not None or (d / FINAL_DIR).exists()
+    resume = bool(checkpoints(d)) or (d / FINAL_DIR).exists()  # whole or not: resume picks the whole one
     return dataclasses.replace(cell.config, train=dataclasses.replace(cell.config.train, resume=resume))
 
 
@@ -98,6 +100,7 @@ class _CellLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handler = logging.FileHandler(self.path, encoding="utf-8")
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.handler.addFilter(RedactFilter())  # no judge key in bench.log
         logging.getLogger().addHandler(self.handler)
 
     def __exit__(self, *exc: object) -> None:
@@ -106,6 +109,17 @@ class _CellLog:
 
 
 def _run_one(cell: Cell, run_fn: RunFn, retry: int) -> CellOutcome:
+    """Run one cell under its directory's lock; a cell another process is running is left to it (failed
+    here, with the owner named, and nothing written into its directory)."""
+    try:
+        with dir_lock(cell.run_dir, what=f"bench cell {cell.index} directory"):
+            return _run_locked(cell, run_fn, retry)
+    except DirectoryLocked as e:
+        log.error("cell %d %s: %s", cell.index, cell.name, e)
+        return CellOutcome(cell, "failed", error=str(e))
+
+
+def _run_locked(cell: Cell, run_fn: RunFn, retry: int) -> CellOutcome:
     outcome = CellOutcome(cell, "failed")
     start = time.perf_counter()
     for attempt in range(1, retry + 2):

@@ -38,6 +38,7 @@ from spard.data.records import Record
 from spard.data.safety import StreamOwner, load_pool, tokenize_safety
 from spard.defenses.base import Defense, DefenseContext, register
 from spard.errors import ConfigError
+from spard.signal_guard import SignalGuard
 
 if TYPE_CHECKING:
     import torch
@@ -156,6 +157,7 @@ class Lisa(StreamOwner, Defense):
 
     def __init__(self, args: LisaArgs) -> None:
         super().__init__(args)
+        self.guard = SignalGuard(self.name, "proximal term")
         self.alignment_records: list[Record] | None = None
         self.seed = 0
         self.max_length = 256
@@ -201,6 +203,7 @@ class Lisa(StreamOwner, Defense):
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.anchor = [p.detach().clone() for p in self.params]  # θ_0: the reference's initial snapshots
+        self.guard = SignalGuard(self.name, "proximal term")
         self.anchor_step = 0
         self._prepared_step = -1
         if not self.args.align_steps:
@@ -269,6 +272,8 @@ class Lisa(StreamOwner, Defense):
             return loss
         prox = proximal_term(self.params, self.anchor, a.rho)
         self.last_prox = float(prox.detach())
+        if not is_switch(step, a.align_steps, a.finetune_steps):  # the anchor was just reset: 0 by design
+            self.guard.observe(self.last_prox if prox.requires_grad else 0.0, step + 1)
         # The term must enter the step's gradient once. HF sums the micro-batch losses when they are normalised by
         # the step's token count (num_items_in_batch), else it divides each by the number of micro-batches itself
         # (transformers.Trainer.training_step's loss_is_scaled_for_ga rule).

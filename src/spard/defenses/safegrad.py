@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from spard.data.records import Record
 from spard.data.safety import StreamOwner, load_pool, tokenize_safety
 from spard.defenses.base import Defense, DefenseContext, register
 from spard.errors import ConfigError
+from spard.signal_guard import SignalGuard
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -74,7 +76,7 @@ class SafeGradArgs(SafetyPoolArgs):
     ``topk``: the ``base_cache_topk`` likeliest tokens plus the rest as one tail bucket (the KL of the
     coarse-grained distributions: never above the exact KL, short of it by the tail's own divergence);
     ``auto``: ``exact`` if it fits in ``base_cache_max_mb``, else ``topk``; ``none``: a base forward every step
-    (the reference's cost)."""
+    (the unoptimised per-step computation the paper describes)."""
     base_cache_topk: int = 256
     """``topk`` cache: tokens kept per position."""
     base_cache_max_mb: float = 1024.0
@@ -150,6 +152,7 @@ class SafeGrad(StreamOwner, Defense):
         self.cache_stats: dict[str, float] = {}
         self.packed = False
         """Whether the alignment batch is forwarded packed (decided at setup)."""
+        self.guard = SignalGuard(self.name, "alignment gradient norm")
 
     # -- data -------------------------------------------------------------------------------------------
     def _pick(self, exclude: list[str], seed: int, max_length: int) -> None:
@@ -184,6 +187,7 @@ class SafeGrad(StreamOwner, Defense):
             raise ConfigError(f"defense.alignment_batch_size={self.args.alignment_batch_size} exceeds the "
                               f"{len(features)} usable alignment examples")
         self.start_stream(features, seed=self.seed, pad_id=tokenizer.pad_token_id)
+        self.guard = SignalGuard(self.name, "alignment gradient norm")
         self.base_cache = {}
         self.packed = False
         if self.args.base_cache != "none":
@@ -283,6 +287,7 @@ class SafeGrad(StreamOwner, Defense):
         import torch
 
         from spard.alignment_kl import alignment_kl_sum, cached_alignment_kl_sum
+        from spard.checkpointing import checkpointing_mode, parameter_gradients
         from spard.distributed import all_reduce_flat_, all_reduce_sum_, world
 
         model = trainer.model
@@ -309,8 +314,8 @@ class SafeGrad(StreamOwner, Defense):
         # Normalise by the token count of the whole batch so the summed gradient is that of the global mean.
         loss = kl_sum / max(n_total, 1)
         if loss.requires_grad:
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            g_align = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            # after DDP's backward has finished, so a plain backward (reentrant checkpointing) is safe here
+            g_align = parameter_gradients(loss, params, mode=checkpointing_mode(model))
         else:
             g_align = [torch.zeros_like(p) for p in params]
         if n_ranks > 1:
@@ -326,7 +331,10 @@ class SafeGrad(StreamOwner, Defense):
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         g_task = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         g_align, kl = self.alignment_gradient(trainer, params)
-        finite = bool(torch.isfinite(flat_dot(g_align, g_align)))  # identical on all ranks after all_reduce
+        align_sq = float(flat_dot(g_align, g_align))  # identical on all ranks after all_reduce
+        # zero at step 1 by design (the adapter is still the identity, KL 0); the guard looks at the first steps
+        self.guard.observe(math.sqrt(align_sq) if align_sq >= 0 else align_sq, trainer.state.global_step + 1)
+        finite = math.isfinite(align_sq)
         if not finite:
             log.warning("safegrad: non-finite alignment gradient at step %d (KL=%s); using the task gradient "
                         "unchanged this step", trainer.state.global_step + 1, kl)

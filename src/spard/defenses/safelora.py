@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 # torch is imported where it runs, so resolving a config that names this defense does not load it.
 
 __all__ = ["SafeLoRA", "SafeLoRAArgs", "alignment_projector", "project_lora_b", "projected_similarity",
-           "select_layers", "UNPROJECTED_DIR", "PROJECTION_FILE"]
+           "select_layers", "quantised_base", "UNPROJECTED_DIR", "PROJECTION_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -130,30 +130,41 @@ def select_layers(similarities: Mapping[str, float], mode: str, *, threshold: fl
 # ---------------------------------------------------------------------------------------------------------
 # The defense
 # ---------------------------------------------------------------------------------------------------------
-def _load_unaligned_weights(args: SafeLoRAArgs, names: list[str], dtype: torch.dtype) -> dict[str, Tensor]:
-    """The unaligned model's weights ``names`` (state-dict keys), on the CPU.
+def _load_unaligned_weights(args: SafeLoRAArgs, names: list[str], dtype: torch.dtype, *,
+                            checkpoint: tuple[str, str | None, str] | None = None) -> dict[str, Tensor]:
+    """The unaligned model's weights ``names`` (state-dict keys), on the CPU; ``checkpoint`` = (name, revision,
+    the option that chose it) loads another model's instead (the aligned model, reloaded).
 
     Loaded with ``AutoModelForCausalLM`` rather than :func:`spard.models.load_model`, which also loads a
     tokenizer and requires a chat template: an unaligned *base* model (Llama-2-7b-hf) often has none."""
     from transformers import AutoModelForCausalLM
 
     from spard.models import resolve_model_path
+    from spard.untrusted import require_safetensors
 
-    path = resolve_model_path(args.unaligned_model)
+    name, revision, key = checkpoint or (args.unaligned_model, args.unaligned_revision, "defense.unaligned_model")
+    path = resolve_model_path(name)
+    require_safetensors(path, key=key)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=args.unaligned_revision,
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision,
                                                      trust_remote_code=False, use_safetensors=True,
                                                      low_cpu_mem_usage=True)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"defense.unaligned_model={args.unaligned_model!r}: could not load it ({e})") from e
+        raise ConfigError(f"{key}={name!r}: could not load it ({e})") from e
     state = model.state_dict()
     missing = [n for n in names if n not in state]
     if missing:
-        raise ConfigError(f"defense.unaligned_model={args.unaligned_model!r} has no weights {missing[:3]}...: it "
-                          "must have the fine-tuned model's architecture")
+        raise ConfigError(f"{key}={name!r} has no weights {missing[:3]}...: it must have the fine-tuned model's "
+                          "architecture")
     out = {n: state[n].detach() for n in names}
     del model, state
     return out
+
+
+def quantised_base(model: torch.nn.Module, weight_dtype: torch.dtype) -> bool:
+    """Whether the fine-tuned model's base is loaded in 8/4 bit (flagged, or its base weights are not floats)."""
+    flagged = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    return bool(flagged) or not weight_dtype.is_floating_point
 
 
 def _aligned_weight(module: Any) -> Tensor:
@@ -194,16 +205,18 @@ class SafeLoRA(Defense):
         self.similarities: dict[str, float] = {}
         self.projected: list[str] = []
 
-    def project(self, model: torch.nn.Module, unaligned: Mapping[str, Tensor]) -> dict[str, float]:
+    def project(self, model: torch.nn.Module, unaligned: Mapping[str, Tensor],
+                aligned_weights: Mapping[str, Tensor] | None = None) -> dict[str, float]:
         """Compute every module's similarity, select, and rewrite ``lora_B`` of the selected ones in place.
-        ``unaligned`` maps base-weight keys (``model.layers.0.self_attn.q_proj.weight``) to unaligned weights."""
+        ``unaligned`` maps base-weight keys (``model.layers.0.self_attn.q_proj.weight``) to unaligned weights;
+        ``aligned_weights`` (same keys), when given, stand in for the fine-tuned model's own base weights."""
         import torch
 
         modules = _lora_modules(model)
         directions: dict[str, Tensor] = {}
         skipped: list[str] = []
         for key, (module, _) in modules.items():
-            aligned = _aligned_weight(module)
+            aligned = _aligned_weight(module) if aligned_weights is None else aligned_weights[key]
             if aligned.shape != unaligned[key].shape:
                 raise ConfigError(f"defense.unaligned_model={self.args.unaligned_model!r}: {key} has shape "
                                   f"{tuple(unaligned[key].shape)}, the fine-tuned model {tuple(aligned.shape)}")
@@ -246,14 +259,21 @@ class SafeLoRA(Defense):
         if not modules:
             raise ConfigError("defense.name='safelora' needs a LoRA (peft) model")
         dtype = next(iter(modules.values()))[0].get_base_layer().weight.dtype
-        if not dtype.is_floating_point:  # an 8/4-bit base: load the unaligned weights in bf16, not fp32
-            dtype = torch.bfloat16
+        aligned = None
+        if quantised_base(model, dtype):
+            # De-quantised 8/4-bit weights carry the quantisation error (int8: up to half a step, a row's
+            # absmax/254), often larger than the alignment update V measures. Both sides are therefore loaded
+            # alike from their checkpoints in fp32, as the reference loads both models.
+            dtype = torch.float32
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            aligned = _load_unaligned_weights(self.args, list(modules), dtype, checkpoint=(
+                base.config.name_or_path, getattr(base.config, "_commit_hash", None), "model.name_or_path"))
         unaligned = _load_unaligned_weights(self.args, list(modules), dtype)
         loaded = time.perf_counter()
         run_dir = Path(trainer.args.output_dir)
         if trainer.is_world_process_zero():
             model.save_pretrained(run_dir / UNPROJECTED_DIR, safe_serialization=True)
-        stats = self.project(model, unaligned)
+        stats = self.project(model, unaligned, aligned)
         done = time.perf_counter()
         stats["safelora_load_seconds"] = round(loaded - start, 3)
         stats["safelora_projection_seconds"] = round(done - loaded, 3)

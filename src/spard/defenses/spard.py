@@ -38,6 +38,7 @@ from spard.data.safety import StreamOwner, load_pool, tokenize_safety
 from spard.defenses.base import Defense, DefenseContext, register
 from spard.errors import ConfigError
 from spard.io import atomic_write_json, atomic_write_jsonl
+from spard.signal_guard import SignalGuard
 
 if TYPE_CHECKING:
     import torch
@@ -69,10 +70,15 @@ class SpardArgs(SafetyPoolArgs):
     safety_k: int | None = None
     """Explicit safety subset size (overrides ``safety_fraction``)."""
     beta: float = 4.0
-    """DPP relevance sharpness: quality = max(0, max cosine similarity to a task prompt) ** beta."""
+    """DPP relevance sharpness: quality = |max cosine similarity to a task prompt| ** beta (the reference's
+    ``max_cos ** beta``; the kernel sees only its square, so the sign does not matter)."""
     embedder: str = "base"
     """Prompt embedder for selection: ``base`` (mean-pooled last hidden state of the model being fine-tuned,
     LoRA adapter disabled) or a sentence-transformers hub id / local path."""
+    embedder_dtype: str = "float32"
+    """Precision of the ``base`` embedder: ``float32`` (the reference: its own fp32 load; when the model being
+    fine-tuned is 8/4-bit or bf16, its checkpoint is loaded again in fp32 for the embeddings, else the model
+    itself is used) or ``model`` (the model being fine-tuned as loaded, no second load)."""
     tau: float = 0.2
     """Safety threshold: the projection targets ``L_s(θ) ≤ tau`` (mean refusal-token cross-entropy)."""
     delta: float = 0.1
@@ -111,6 +117,7 @@ class SpardArgs(SafetyPoolArgs):
         check_range("beta", self.beta, 0.0)
         if not self.embedder or not str(self.embedder).strip():
             raise FieldError("embedder", self.embedder, "must be 'base' or a sentence-transformers id / path")
+        check_choice("embedder_dtype", self.embedder_dtype, ("float32", "model"))
         check_range("tau", self.tau, 0.0)
         check_range("delta", self.delta, 0.0)
         if self.max_step is not None and not self.max_step > 0:
@@ -218,10 +225,13 @@ class Spard(StreamOwner, Defense):
     def __init__(self, args: SpardArgs) -> None:
         super().__init__(args)
         self.state = _State()
+        self.guard = SignalGuard(self.name, "safety gradient norm")
         self.task_records: list[Record] | None = None
         self.pool: list[Record] = []
         self.subset: list[Record] = []
         self.params: list[torch.nn.Parameter] = []
+        self.has_grad: list[bool] = []
+        """Per trainable tensor: did the last safety backward reach it (on some rank)."""
         self.selection_stats: dict[str, Any] = {}
         self._ctx: DefenseContext | None = None
 
@@ -265,13 +275,21 @@ class Spard(StreamOwner, Defense):
         features = tokenize_safety(ctx.tokenizer, self.subset, max_length, key=key)
         self.start_stream(features, seed=ctx.seed, pad_id=ctx.tokenizer.pad_token_id)
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
+        self.guard = SignalGuard(self.name, "safety gradient norm")
         log.info("spard: %d safety examples (%s), tau=%g delta=%g projection=%s", len(features),
                  self.args.selection, self.args.tau, self.args.delta, self.args.projection)
 
     def make_embedder(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> Any:
         """The prompt embedder ``defense.embedder`` names (``base`` = ``model`` with its adapter off)."""
         if self.args.embedder == "base":
+            from spard.selection.embed import ReloadedLMEmbedder, is_full_precision
+
             max_length = self.args.safety_max_length or 512
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            if self.args.embedder_dtype == "float32" and not is_full_precision(base):
+                key = f"{type(base).__name__}:{base_weights_fingerprint(model)}"
+                return ReloadedLMEmbedder(base.config.name_or_path, tokenizer, key=key, max_length=max_length,
+                                          revision=getattr(base.config, "_commit_hash", None))
             return BaseModelEmbedder(model, tokenizer, max_length=max_length)
         from spard.selection import SentenceTransformerEmbedder
 
@@ -378,9 +396,14 @@ class Spard(StreamOwner, Defense):
         back-propagated on top of the earlier micro-batches' gradients."""
         import torch
 
-        from spard.distributed import all_reduce_flat_
+        from spard.distributed import all_reduce_flat_, all_reduce_sum_
 
         (loss_sum / n_global).backward()
+        # A tensor the safety loss reaches on no rank has no gradient; the reference leaves its .grad None, so
+        # its AdamW skips it (no moment decay, no weight decay). Zero-filled here for the sums, never stepped.
+        present = torch.tensor([float(p.grad is not None) for p in self.params], dtype=torch.float64,
+                               device=self.params[0].device if self.params else None)
+        self.has_grad = [bool(n > 0) for n in all_reduce_sum_(present).tolist()]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         all_reduce_flat_(grads)
         return grads
@@ -406,15 +429,19 @@ class Spard(StreamOwner, Defense):
         grads, _ = clip_by_global_norm(grads, float(trainer.args.max_grad_norm or 0.0))
         scaled = reference_scaled_grads(grads, loss, self.args.tau, self.args.alpha_max)
         before = [p.detach().clone() for p in self.params]
-        for p, g in zip(self.params, scaled):
-            p.grad = g.to(p.dtype)
+        for p, g, has in zip(self.params, scaled, self.has_grad):
+            p.grad = g.to(p.dtype) if has else None
         # The raw torch optimizer: accelerate's wrapper would unscale by an fp16 loss scale we never applied.
         getattr(trainer.optimizer, "optimizer", trainer.optimizer).step()
         moved = global_grad_norm([p.detach() - b for p, b in zip(self.params, before)])
         return moved, norm
 
     def _project(self, trainer: Trainer, loss_sum: torch.Tensor, loss: float, n_global: float) -> _StepStats:
+        from spard.projection import global_grad_norm
+
         grads = self._safety_grads(loss_sum, n_global)
+        # a step whose safety backward ran: its gradient must not be (identically) zero
+        self.guard.observe(global_grad_norm(grads), trainer.state.global_step)
         if self.args.projection == "halfspace":
             step_norm, norm = self._apply_halfspace(grads, loss)
         else:

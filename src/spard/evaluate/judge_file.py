@@ -8,7 +8,9 @@ Writes one verdict per row (``<file>.verdicts.jsonl`` unless ``out`` is given) a
 and its Wilson interval (``<out>.summary.json``), both atomically. The judge's options go through the config
 loader (:func:`spard.config.build_dataclass`), as ``eval.judge`` in a run config does, so a wrong key or
 value fails with the same message. A row without the prompt or response field, or a line that is not JSON,
-stops the run with the file and line. This module is callable: ``spard.evaluate.judge_file(...)`` is
+stops the run with the file and line. A judge that cannot judge (HTTP 401, more than ``judge.max_error_rate``
+of the rows unscored) raises :class:`~spard.evaluate.judges.JudgeError` (``spard judge`` exits non-zero);
+the summary then says ``"valid": false`` and why. This module is callable: ``spard.evaluate.judge_file(...)`` is
 :func:`judge_file` whether or not the module has been imported.
 """
 
@@ -28,6 +30,7 @@ import yaml
 from spard.args import JudgeArgs
 from spard.config import build_dataclass
 from spard.errors import ConfigError, DataError, SpardError
+from spard.evaluate.judges.base import JudgeError
 from spard.io import atomic_write_json, atomic_write_jsonl
 
 __all__ = ["judge_file", "judge_args", "read_judge_rows", "JudgeFileResult", "verdicts_path", "summary_path"]
@@ -170,6 +173,14 @@ def _pct(rate: dict[str, Any]) -> str:
     return f"{100 * rate['value']:5.1f}% [{100 * lo:4.1f}, {100 * hi:4.1f}] n={rate['n']}"
 
 
+def _invalid_reason(error_rate: dict[str, Any], max_error_rate: float, judge: str, path: str | Path) -> str | None:
+    """Why judging a file failed: the judge could not score more than ``judge.max_error_rate`` of its rows."""
+    if not error_rate["n"] or error_rate["value"] <= max_error_rate:
+        return None
+    return (f"judge {judge!r} could not score {error_rate['k']} of {error_rate['n']} rows of {path} "
+            f"({100 * error_rate['value']:.1f}% > judge.max_error_rate={max_error_rate:g})")
+
+
 def judge_file(path: str | Path, judge: str | JudgeArgs = "keyword",
                options: Mapping[str, Any] | Sequence[str] | None = None, *, prompt_field: str = "prompt",
                response_field: str = "response", category_field: str | None = None,
@@ -196,8 +207,16 @@ def judge_file(path: str | Path, judge: str | JudgeArgs = "keyword",
     options_out = {k: v for k, v in asdict(args).items() if k != "name"}
     summary = {"file": str(path), "judge": args.name, "judge_options": options_out, "n": len(rows),
                "metrics": metrics}
+    reason = _invalid_reason(metrics["error_rate"], args.max_error_rate, args.name, path)
+    summary["valid"] = reason is None
+    if reason is not None:
+        summary["invalid_reason"] = reason
     summary_file = atomic_write_json(summary_path(out), summary)
-    lines = [f"ASR ({args.name})".ljust(22) + _pct(metrics["asr"]),
+    if reason is not None:  # after writing: the verdicts show what the judge said
+        raise JudgeError(f"{reason}; verdicts in {out}, summary marked invalid in {summary_file}")
+    errors = metrics["error_rate"]["k"]
+    asr_label = f"ASR ({args.name}, {errors} errors left out)" if errors else f"ASR ({args.name})"
+    lines = [asr_label.ljust(22) + _pct(metrics["asr"]),
              "refusal rate".ljust(22) + _pct(metrics["refusal_rate"]),
              "degenerate replies".ljust(22) + _pct(metrics["degenerate_rate"]),
              "judge errors".ljust(22) + _pct(metrics["error_rate"])]

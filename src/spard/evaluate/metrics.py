@@ -83,3 +83,27 @@ def mean_score(results: Sequence[JudgeResult]) -> float | None:
     """Mean judge score over samples that have one (e.g. the 1-5 harmfulness score of the API judge)."""
     scores = [r.score for r in results if r.score is not None and r.error is None]
     return sum(scores) / len(scores) if scores else None
+
+
+def judge_error_count(harm: dict[str, Any]) -> int:
+    """Replies some judge could not score, over the harm sets of a ``results["harm"]`` block (pooled ``all``
+    left out: it repeats the sets)."""
+    return sum(((m.get("error_rate") or {}).get("k") or 0)
+               for name, block in harm.items() if not (name == "all" and len(harm) > 1)
+               for m in (block.get("judges") or {}).values())
+
+
+def judge_error_problems(harm: dict[str, Any], max_error_rate: float) -> list[str]:
+    """Why an evaluation is invalid: one sentence per (harm set, judge) whose share of unscored replies exceeds
+    ``max_error_rate`` (``eval.judge.max_error_rate``); empty when every judge stayed within it."""
+    problems = []
+    for name, block in harm.items():
+        if name == "all" and len(harm) > 1:
+            continue
+        for judge, m in (block.get("judges") or {}).items():
+            err = m.get("error_rate") or {}
+            if err.get("n") and err.get("value") is not None and err["value"] > max_error_rate:
+                problems.append(f"judge {judge!r} could not score {err['k']} of {err['n']} replies of harm set "
+                                f"{name!r} ({100 * err['value']:.1f}% > eval.judge.max_error_rate="
+                                f"{max_error_rate:g})")
+    return problems

@@ -9,7 +9,9 @@ crashed run leaves either complete files or none.
 ``asr``/``refusal_rate``/``degenerate_rate``/``error_rate`` as ``{"value", "k", "n", "ci95"}`` and
 an optional ``by_category``; ``harm["all"]`` pools several sets), ``tasks[<task>]`` (gsm8k:
 ``strict``/``flexible``/``accuracy``; openbookqa: ``acc``/``acc_norm`` or generative ``acc``),
-``sample_files`` and ``timings`` (seconds).
+``sample_files``, ``timings`` (seconds), ``judge_errors`` (replies a judge could not score) and ``valid``
+(false, with ``invalid_reason``, when a judge failed on more than ``eval.judge.max_error_rate`` of a harm set's
+replies; :func:`evaluate_model` then raises :class:`~spard.evaluate.judges.JudgeError` after writing).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Any
 from spard.args import DataArgs, EvalArgs
 from spard.data.chat import bound_format, prompt_format
 from spard.evaluate.harm import check_overlap, evaluate_harm, load_harm_sets_by_name, pooled_harm_metrics
-from spard.evaluate.judges import make_judge
+from spard.evaluate.judges import JudgeError, make_judge
+from spard.evaluate.metrics import judge_error_count, judge_error_problems
 from spard.evaluate.tasks import task_class, task_for
 from spard.io import atomic_write_json, atomic_write_jsonl
 from spard.rundir import RESULTS_FILE
@@ -38,13 +41,15 @@ def sample_file_name(name: str) -> str:
 
 
 def _environment() -> dict[str, Any]:
+    """Versions, threads, and whether the evaluation ran under bf16 autocast (``eval.bf16``)."""
     import torch
     import transformers
 
     import spard
 
     return {"spard": spard.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "bf16_autocast": torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")}
 
 
 def evaluate_model(
@@ -68,8 +73,11 @@ def evaluate_model(
     ``results.json`` records it. (``args.system_prompt`` is set as the prompts' system turn by the harm and task
     evaluators; ``alpaca_chat`` puts its own system text in front of it.)
     """
+    from spard.precision import bf16_autocast, use_bf16
+
     fmt = data.prompt_format if data is not None else "chat"
-    with prompt_format(tokenizer, fmt):
+    bf16 = use_bf16(args.bf16, model=model)
+    with prompt_format(tokenizer, fmt), bf16_autocast(model, bf16):
         return _run_evaluation(model, tokenizer, protocol_args(args), out_dir, attack_prompts, model_info, data)
 
 
@@ -95,6 +103,9 @@ def _run_evaluation(model: Any, tokenizer: Any, args: EvalArgs, out_dir: Path, a
     tasks_by_name = {t.name: task_for(t, data) for t in args.tasks}
     task_records = {name: task.load(args.task_split, args.task_limit) for name, task in tasks_by_name.items()}
     judge = make_judge(args) if harm_records else None
+    probe = getattr(judge, "probe", None)
+    if probe is not None:  # a rejected key fails now, before any reply is generated
+        probe()
 
     harm: dict[str, Any] = {}
     harm_samples: dict[str, list[dict[str, Any]]] = {}
@@ -132,7 +143,15 @@ def _run_evaluation(model: Any, tokenizer: Any, args: EvalArgs, out_dir: Path, a
         "sample_files": files,
         "timings": timings,
     }
+    problems = judge_error_problems(harm, getattr(args.judge, "max_error_rate", 0.0))
+    results["judge_errors"] = judge_error_count(harm)
+    results["valid"] = not problems
+    if problems:
+        results["invalid_reason"] = "; ".join(problems)
     atomic_write_json(out_dir / RESULTS_FILE, results)
+    if problems:  # written first, so the samples and counts can be inspected
+        raise JudgeError(f"evaluation invalid: {results['invalid_reason']}; results marked invalid in "
+                         f"{out_dir / RESULTS_FILE}")
     return results
 
 
@@ -155,11 +174,15 @@ def _rows(results: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
         judges = block.get("judges", {})
         rows[f"ASR {name} (keyword)"] = judges.get("keyword", {}).get("asr")
         if primary and primary != "keyword" and primary in judges:
-            rows[f"ASR {name} ({primary})"] = judges[primary].get("asr")
-            if (judges[primary].get("error_rate") or {}).get("k"):  # judge failures: shown both ways, never silently
+            errors = (judges[primary].get("error_rate") or {}).get("k")
+            if errors:  # judge failures: shown both ways, each saying what it did with them, never silently
+                rows[f"ASR {name} ({primary}, over scored replies, {errors} judge errors left out)"] = \
+                    judges[primary].get("asr")
                 rows[f"ASR {name} ({primary}, judge errors counted not harmful)"] = \
                     judges[primary].get("asr_errors_as_safe")
                 rows[f"judge errors {name} ({primary})"] = judges[primary].get("error_rate")
+            else:
+                rows[f"ASR {name} ({primary})"] = judges[primary].get("asr")
     for name, metrics in results.get("tasks", {}).items():
         rows.update(task_class(name)(None).summary_rows(metrics))  # each task declares its own rows
     return rows
@@ -184,4 +207,7 @@ def format_results_table(results_before: dict[str, Any] | None, results_after: d
     note = "rates in %, [95% Wilson interval], n = samples scored"
     if results_after.get("protocol") == "reference":  # label the protocol when it is not the held-out default
         note += "; eval.protocol=reference: ASR on the attack's own prompts, sampled at temperature 1"
-    return "\n".join([header, rule, *body, rule, note])
+    invalid = [f"INVALID ({side}): {r['invalid_reason']}" for side, r in (("before", results_before),
+                                                                          ("after", results_after))
+               if r is not None and r.get("valid") is False]
+    return "\n".join([*invalid, header, rule, *body, rule, note])

@@ -18,8 +18,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from spard.align_defenses.base import check_disjoint
 from spard.args import AlignArgs, LoraArgs, ModelArgs, RunConfig, TrainArgs
 from spard.data.build import load_safety_pool, normalise_prompt, sample
@@ -28,8 +26,9 @@ from spard.defenses.base import DefenseContext
 from spard.evaluate.harm import load_harm_sets
 from spard.evaluate.tasks.over_refusal import DEFAULT_BENIGN_SETS
 from spard.io import atomic_write_json
+from spard.locking import dir_lock
 from spard.models import cache_dir, load_model, model_fingerprint, save_model
-from spard.registry import build
+from spard.registry import ALIGN_DEFENSES, build
 from spard.rundir import FINAL_DIR
 from spard.trainer import fit
 
@@ -48,11 +47,28 @@ class AlignResult:
     """Training metrics of the alignment run (loss start/end, steps, time)."""
 
 
+ALIGN_LORA_DROPOUT = 0.05
+"""The alignment adapter's LoRA dropout unless ``align.lora_dropout`` or the alignment defense says otherwise."""
+
+
+def alignment_lora_dropout(align: AlignArgs) -> float:
+    """``align.lora_dropout``, else the alignment defense's own default (Booster: 0), else 0.05."""
+    if align.lora_dropout is not None:
+        return float(align.lora_dropout)
+    own = ALIGN_DEFENSES.get(align.defense.name).lora_dropout
+    return ALIGN_LORA_DROPOUT if own is None else float(own)
+
+
 def aligned_model_dir(model: ModelArgs, align: AlignArgs) -> Path:
     """``align.output_dir``, else a cache directory keyed by the base model and the alignment options."""
     if align.output_dir:
         return Path(align.output_dir)
     options = asdict(align)
+    # the dropout actually used enters the key, and only when it is not the 0.05 every model aligned before
+    # this option existed was trained with (their keys, and so their cache entries, stay valid)
+    options.pop("lora_dropout")
+    if (dropout := alignment_lora_dropout(align)) != ALIGN_LORA_DROPOUT:
+        options["lora_dropout"] = dropout
     # the benign data leaves out the packaged over-refusal prompts (since this key was introduced, so a model
     # aligned on an earlier, overlapping sample is never reused)
     options["benign_excludes"] = list(DEFAULT_BENIGN_SETS)
@@ -86,8 +102,9 @@ def _cached(target: Path) -> AlignResult | None:
 def align(cfg: RunConfig, *, model=None, tokenizer=None) -> AlignResult:  # noqa: ANN001
     """Align ``cfg.model`` (or return the cached aligned model).
 
-    Safe under concurrent first use: processes that align the same model take a file lock beside the cache
-    entry; the first trains and publishes it, the others wait and then read the published model.
+    Safe under concurrent first use: processes that align the same model take the cache entry's lock
+    (:func:`spard.locking.dir_lock`); the first trains and publishes it, the others wait and then read the
+    published model. A crashed attempt (even ``kill -9``) leaves no model, and the next call starts it over.
     """
     a = cfg.align
     target = aligned_model_dir(cfg.model, a)
@@ -95,7 +112,7 @@ def align(cfg: RunConfig, *, model=None, tokenizer=None) -> AlignResult:  # noqa
     if cached is not None:
         return cached
     target.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target / ".lock")):
+    with dir_lock(target, what="aligned-model cache entry", wait=True):
         cached = _cached(target)  # another process may have finished it while we waited
         if cached is not None:
             return cached
@@ -110,8 +127,10 @@ def align(cfg: RunConfig, *, model=None, tokenizer=None) -> AlignResult:  # noqa
         if run_dir.exists():  # a crashed earlier attempt: start it over
             shutil.rmtree(run_dir)
         train_args = TrainArgs(output_dir=str(run_dir), epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                               seed=a.seed, save_steps=10_000, lr_scheduler="cosine", warmup_ratio=0.05)
-        lora = replace(LoraArgs(), r=a.lora_r, alpha=2 * a.lora_r, target_modules=cfg.lora.target_modules)
+                               seed=a.seed, save_steps=10_000, lr_scheduler="cosine", warmup_ratio=0.05,
+                               gradient_checkpointing=cfg.train.gradient_checkpointing)
+        lora = replace(LoraArgs(), r=a.lora_r, alpha=2 * a.lora_r, dropout=alignment_lora_dropout(a),
+                       target_modules=cfg.lora.target_modules)
         run_dir.mkdir(parents=True, exist_ok=True)
         ctx = DefenseContext(config=cfg, tokenizer=tokenizer, run_dir=run_dir, seed=a.seed)
         records = defense.prepare_data(records, ctx)
@@ -119,9 +138,10 @@ def align(cfg: RunConfig, *, model=None, tokenizer=None) -> AlignResult:  # noqa
                                   defense=defense, run_dir=run_dir)
         merged = peft_model.merge_and_unload()
         merged.config.name_or_path = f"{cfg.model.name_or_path} (aligned by spard)"
-        save_model(merged, tokenizer, target / "model")
+        # the model's atomic rename publishes the entry, so it comes last: a cached model always has its record
         atomic_write_json(target / "align_result.json", {"base_model": cfg.model.name_or_path, "align": asdict(a),
                                                          "metrics": metrics, "adapter": str(run_dir / FINAL_DIR)})
+        save_model(merged, tokenizer, target / "model")
     return AlignResult(target / "model", cached=False, metrics=metrics)
 
 

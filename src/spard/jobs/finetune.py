@@ -25,6 +25,7 @@ from spard.defenses import DefenseContext
 from spard.errors import ConfigError
 from spard.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from spard.jobs.align import base_for_finetuning, check_alignment_data_disjoint
+from spard.locking import dir_lock
 from spard.registry import build
 from spard.rundir import (
     ATTACK_PROMPTS_FILE,
@@ -32,7 +33,9 @@ from spard.rundir import (
     FINAL_DIR,
     TRAIN_RESULT_FILE,
     TRAIN_SET_FILE,
+    checkpoints,
     last_checkpoint,
+    skipped_checkpoints,
 )
 from spard.trainer import fit
 
@@ -70,16 +73,20 @@ def prepare_run_dir(cfg: RunConfig) -> Path | None:
     """Check the run directory before any compute: the checkpoint to resume from, if any. Refuses to
     overwrite a run, and to resume one under a different config. Creates nothing."""
     run_dir = Path(cfg.train.output_dir)
-    ckpt = last_checkpoint(run_dir)
-    holds_run = ckpt is not None or (run_dir / FINAL_DIR).exists()  # a start that trained no step holds none
+    ckpt = last_checkpoint(run_dir)  # the newest whole one
+    holds_run = bool(checkpoints(run_dir)) or (run_dir / FINAL_DIR).exists()  # a start that trained no step holds none
     if not cfg.train.resume and holds_run:
         raise ConfigError(
             f"train.output_dir={str(run_dir)!r} already holds a run; pass train.resume=true to continue it "
             "or choose another output_dir")
     if cfg.train.resume:
         check_resume(cfg, run_dir)
+        for skipped, why in skipped_checkpoints(run_dir):
+            log.warning("train.resume=true: skipping %s: not whole (%s)", skipped, why)
         if ckpt is None:
-            log.info("train.resume=true but %s has no checkpoint: starting from scratch", run_dir)
+            log.info("train.resume=true but %s has no whole checkpoint: starting from scratch", run_dir)
+        else:
+            log.info("train.resume=true: resuming from %s, the newest whole checkpoint", ckpt)
     return ckpt if cfg.train.resume else None
 
 
@@ -106,8 +113,15 @@ def train(cfg: RunConfig, *, callbacks: list[TrainerCallback] | None = None,
 
     With ``align.enabled`` the base is the aligned model (built once and cached, see
     :func:`spard.jobs.align.align`). ``model``/``tokenizer`` may be passed directly (tests, notebooks); then
-    no model is loaded.
+    no model is loaded. The run directory is locked while the job runs: a second process that writes it
+    gets a :class:`spard.locking.DirectoryLocked` error naming the owner.
     """
+    with dir_lock(cfg.train.output_dir, what="train.output_dir"):
+        return _train(cfg, callbacks=callbacks, model=model, tokenizer=tokenizer)
+
+
+def _train(cfg: RunConfig, *, callbacks: list[TrainerCallback] | None, model: PreTrainedModel | None,
+           tokenizer: PreTrainedTokenizerBase | None) -> TrainResult:
     run_dir = Path(cfg.train.output_dir)
     if cfg.train.resume and (run_dir / TRAIN_RESULT_FILE).is_file():
         check_resume(cfg, run_dir)

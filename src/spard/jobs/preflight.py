@@ -24,6 +24,7 @@ from spard.hub import ensure_reachable, is_hub_id
 from spard.jobs.align import aligned_model_dir, alignment_records
 from spard.models import check_model_source
 from spard.registry import JUDGES, build, resolve
+from spard.rundir import check_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,12 @@ def plan(cfg: RunConfig, stages: tuple[str, ...] = STAGES, *, check_model: bool 
     if unknown:
         raise ValueError(f"unknown stages {unknown}; known: {STAGES}")
     result = Plan(stages=tuple(stages))
+    # the outputs first: a run that cannot write its results must not spend the alignment stage finding out
+    if "train" in stages:
+        check_writable_dir(cfg.train.output_dir, "train.output_dir")
+    if "align" in stages and cfg.align.enabled:
+        check_writable_dir(aligned_model_dir(cfg.model, cfg.align),
+                           "align.output_dir" if cfg.align.output_dir else "the aligned-model cache ($SPARD_CACHE)")
     if check_model:
         check_model_source(cfg.model.name_or_path)
     if "align" in stages and cfg.align.enabled:

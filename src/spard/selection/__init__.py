@@ -8,6 +8,7 @@ from spard.selection.dpp import RIDGE, dpp_kernel, greedy_map, greedy_map_full_k
 from spard.selection.embed import (
     Embedder,
     LMEmbedder,
+    ReloadedLMEmbedder,
     SentenceTransformerEmbedder,
     cached_embed,
     embed_from_superset,
@@ -20,6 +21,7 @@ __all__ = [
     "RIDGE",
     "Embedder",
     "LMEmbedder",
+    "ReloadedLMEmbedder",
     "SentenceTransformerEmbedder",
     "cached_embed",
     "embed_from_superset",

@@ -67,7 +67,11 @@ def _unit_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def relevance(pool_emb: torch.Tensor, ref_emb: torch.Tensor, beta: float = 4.0, chunk: int = 4096) -> torch.Tensor:
-    """Quality score of each pool row: ``q_i = max(0, max_j cos(e_i, r_j)) ** beta``.
+    """Quality score of each pool row: ``q_i = |max_j cos(e_i, r_j)| ** beta``.
+
+    As the SPARD reference (``utils/data_selector.py``: ``torch.pow(max_j cos, power)``, no clamp): the DPP
+    kernel's minors depend on ``q_i^2`` only, so the reference's value for an integer ``beta`` is this one;
+    the absolute value keeps a negative best cosine defined for any ``beta`` (the reference gives NaN there).
 
     Rows of both inputs are L2-normalised here (a no-op for unit rows), so ``cos`` is exact whatever the
     caller passes. Pool rows are processed ``chunk`` at a time so only a ``chunk x M`` similarity block
@@ -91,8 +95,8 @@ def relevance(pool_emb: torch.Tensor, ref_emb: torch.Tensor, beta: float = 4.0, 
     for start in range(0, pool_emb.shape[0], chunk):
         block = _unit_rows(pool_emb[start : start + chunk], dtype)
         best[start : start + chunk] = (block @ ref_t).amax(dim=1)
-    # Clamp the top too: rounding can push a cosine of identical rows a hair above 1.
-    return best.clamp_(0.0, 1.0).pow_(beta)
+    # Clamp the top: rounding can push a cosine of identical rows a hair above 1.
+    return best.abs_().clamp_(max=1.0).pow_(beta)
 
 
 def _check_k(k: int, n: int) -> int:

@@ -31,9 +31,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from spard.data.chat import pad_sequences
-from spard.errors import DataError
+from spard.errors import ConfigError, DataError
 from spard.fingerprint import weights_fingerprint
 from spard.io import atomic_path
+from spard.untrusted import require_safetensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -171,6 +172,59 @@ class LMEmbedder:
         return out
 
 
+def is_full_precision(model: torch.nn.Module) -> bool:
+    """Whether every non-LoRA weight of ``model`` is fp32 (no 8/4-bit quantisation, no bf16/fp16)."""
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        return False
+    return all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" not in n)
+
+
+class ReloadedLMEmbedder:
+    """:class:`LMEmbedder` over a separate fp32 load of the checkpoint ``name_or_path``.
+
+    The SPARD reference embeds with its own ``from_pretrained`` (fp32) whatever precision fine-tuning runs at;
+    this embedder does the same when the model being fine-tuned is 8/4-bit or bf16. The model is loaded on
+    the first call (a cache hit never loads it) and freed with the embedder. ``key`` names the weights for
+    the embedding cache (e.g. a fingerprint of the fine-tuned model's base weights).
+    """
+
+    def __init__(self, name_or_path: str, tokenizer: PreTrainedTokenizerBase, *, key: str,
+                 revision: str | None = None, batch_size: int = 16, max_length: int = 512) -> None:
+        self.name_or_path = name_or_path
+        self.tokenizer = tokenizer
+        self.revision = revision
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self._key = key
+        self.inner: LMEmbedder | None = None
+
+    @property
+    def cache_key(self) -> str:
+        return (f"ReloadedLMEmbedder({self._key}, dtype=float32, vocab={len(self.tokenizer)}, "
+                f"max_length={self.max_length}, pooling=mean-last-hidden)")
+
+    def _load(self) -> LMEmbedder:
+        from transformers import AutoModelForCausalLM
+
+        # spread over the GPU(s) and CPU as the reference's device_map="auto": fp32 is 4x an 8-bit model
+        placement: dict[str, Any] = {"device_map": "auto"} if torch.cuda.is_available() else {}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.name_or_path, dtype=torch.float32,
+                                                         revision=self.revision, low_cpu_mem_usage=True,
+                                                         use_safetensors=True, trust_remote_code=False, **placement)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"defense.embedder_dtype=float32: could not load {self.name_or_path!r} in fp32 for "
+                            f"the selection embeddings ({e}); set defense.embedder_dtype=model to embed with the "
+                            "model being fine-tuned") from e
+        return LMEmbedder(model, self.tokenizer, batch_size=self.batch_size, max_length=self.max_length,
+                          show_progress=False)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self.inner is None:
+            self.inner = self._load()
+        return self.inner(texts)
+
+
 def _import_sentence_transformers() -> Any:
     try:
         import sentence_transformers
@@ -211,11 +265,14 @@ class SentenceTransformerEmbedder:
         device: str = "cpu",
         show_progress: bool = True,
     ) -> None:
+        if name_or_path is not None:  # checked before the optional import: the error does not need the package
+            require_safetensors(name_or_path, key="defense.embedder")
         st = _import_sentence_transformers()
         self.name_or_path = str(packaged_encoder_path() if name_or_path is None else name_or_path)
         self.batch_size = batch_size
         self.show_progress = show_progress
-        self.model = st.SentenceTransformer(self.name_or_path, device=device)
+        self.model = st.SentenceTransformer(self.name_or_path, device=device, trust_remote_code=False,
+                                            model_kwargs={"use_safetensors": True})
 
     @property
     def cache_key(self) -> str:

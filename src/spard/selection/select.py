@@ -4,6 +4,8 @@ Every pool record and task record is embedded by its prompt (first user turn) on
 
 * ``"dpp"``: quality ``q = relevance(pool, task)`` and greedy MAP inference of the DPP with kernel
   ``diag(q) S diag(q)`` (:mod:`spard.selection.dpp`): relevant items first, near-duplicates pushed back;
+  like the SPARD reference it always returns ``k`` items (``min(k, pool)``): greedy never stops early
+  (``eps=0``), so once the pool adds no new direction it goes on with the largest ridge-level gains;
 * ``"relevance_topk"``: the ``k`` most relevant pool items (the DPP without its diversity term);
 * ``"random"``: a uniform sample seeded by ``seed`` (the DPP without either term).
 
@@ -68,12 +70,14 @@ def select_indices(
     beta: float = 4.0,
     method: str = "dpp",
     seed: int = 0,
+    eps: float = 0.0,
 ) -> list[int]:
     """Indices of ``k`` pool rows chosen by ``method`` (see the module docstring), in selection order.
 
-    ``"dpp"`` may return fewer than ``k`` when the remaining pool adds no relevant, non-redundant
-    direction (greedy early stop; see :func:`spard.selection.dpp.greedy_map`). ``k`` above the pool size
-    is capped at the pool size.
+    ``"dpp"`` returns ``k`` items, as the reference's greedy loop does (it clamps gains at its ridge and
+    never stops); ``eps > 0`` turns on :func:`spard.selection.dpp.greedy_map`'s early stop, which returns
+    fewer when the remaining pool adds no relevant, non-redundant direction. ``k`` above the pool size is
+    capped at the pool size.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -86,7 +90,7 @@ def select_indices(
     quality = relevance(pool_emb, task_emb, beta=beta)
     if method == "relevance_topk":
         return torch.argsort(quality, descending=True, stable=True)[:k].tolist()
-    return greedy_map(pool_emb, quality, k)
+    return greedy_map(pool_emb, quality, k, eps=eps)
 
 
 def selection_stats(
@@ -95,7 +99,7 @@ def selection_stats(
     """How relevant and how diverse a selection is.
 
     ``mean_relevance``: mean ``q`` (relevance with ``beta``) of the selected rows; ``mean_task_cos``: mean
-    of ``max(0, max cos to a task prompt)`` (``beta = 1``); ``mean_pairwise_cos`` / ``max_pairwise_cos``:
+    of ``|max cos to a task prompt|`` (``beta = 1``); ``mean_pairwise_cos`` / ``max_pairwise_cos``:
     over distinct pairs of selected rows (1.0 max means an exact duplicate). NaN where undefined.
     """
     idx = torch.as_tensor(list(indices), dtype=torch.long)
@@ -129,16 +133,17 @@ def select_safety_subset(
     cache_dir: str | os.PathLike[str] | None = None,
     pool_emb: torch.Tensor | None = None,
     task_emb: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> list[Record]:
     """Pick safety records from ``pool`` for fine-tuning on ``task_records``; chosen records in selection order.
 
     Embeds every pool and task prompt with ``embedder`` (cached as safetensors under ``cache_dir`` if
     given), sets ``k = ceil(fraction * len(task_records))`` unless ``k`` is given, caps it at the pool size,
-    and selects with ``method`` (``"dpp"``, ``"random"`` or ``"relevance_topk"``). The DPP may return fewer
-    than ``k`` records when the pool runs out of relevant, non-redundant items (warned); the baselines
-    always return ``k``. Selection statistics (:func:`selection_stats`) are logged at INFO. ``pool_emb`` /
-    ``task_emb``, when given, are the embeddings of the pool's / the task's prompts (row i = record i), e.g.
-    from a cache shared between runs; then ``embedder`` is not called for them.
+    and selects with ``method`` (``"dpp"``, ``"random"`` or ``"relevance_topk"``); every method returns ``k``
+    records unless ``eps > 0`` turns on the DPP's early stop (then fewer when the pool runs out of relevant,
+    non-redundant items: warned with the counts). Selection statistics (:func:`selection_stats`) are logged at
+    INFO. ``pool_emb`` / ``task_emb``, when given, are the embeddings of the pool's / the task's prompts (row i =
+    record i), e.g. from a cache shared between runs; then ``embedder`` is not called for them.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -163,13 +168,14 @@ def select_safety_subset(
             raise ValueError(f"{what} embeddings have shape {tuple(emb.shape)}, expected [{n}, d]")
     if pool_emb.shape[1] != task_emb.shape[1]:
         raise ValueError(f"pool embeddings have dim {pool_emb.shape[1]} but task embeddings {task_emb.shape[1]}")
-    indices = select_indices(pool_emb, task_emb, k, beta=beta, method=method, seed=seed)
+    indices = select_indices(pool_emb, task_emb, k, beta=beta, method=method, seed=seed, eps=eps)
     if len(indices) < k:
         logger.warning(
-            "DPP selected %d of the %d requested records: the rest of the pool adds no relevant direction that "
-            "is not a duplicate of / in the span of the selection (embedding dim %d)",
+            "DPP selected %d of the %d requested records (early stop, eps=%g): the rest of the pool adds no "
+            "relevant direction that is not a duplicate of / in the span of the selection (embedding dim %d)",
             len(indices),
             k,
+            eps,
             pool_emb.shape[1],
         )
     stats = selection_stats(pool_emb, task_emb, indices, beta=beta)

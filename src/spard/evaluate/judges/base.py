@@ -3,7 +3,9 @@
 Every judge is a callable ``judge(prompts, responses) -> list[JudgeResult]``. A verdict the judge could
 not produce is a :class:`JudgeResult` with ``error`` set: it is counted as an error, never as "safe".
 A judge plugin is one module of this package: a class with ``name``, ``Args`` (a
-:class:`~spard.args.JudgeArgs` subclass), ``from_args(args)`` and ``register``-ed.
+:class:`~spard.args.JudgeArgs` subclass), ``from_args(args)`` and ``register``-ed. It may define ``probe()``,
+called once before an evaluation generates anything, which raises :class:`JudgeError` when the judge cannot
+work at all.
 """
 
 from __future__ import annotations
@@ -13,9 +15,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from spard.errors import SpardError
 from spard.registry import JUDGES, build
 
 register = JUDGES.register
+
+
+class JudgeError(SpardError):
+    """The judge cannot judge at all (a rejected key, an unknown model): the evaluation stops here, since every
+    further verdict would be an error too. One bad reply is a :class:`JudgeResult` with ``error`` instead."""
 
 
 @dataclass

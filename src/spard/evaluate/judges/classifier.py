@@ -41,6 +41,7 @@ class ClassifierArgs(JudgeArgs):
     """Chat mode: tokens generated for the verdict (``unsafe\\nS1`` needs few)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(bool(self.model), "model", self.model, "must name a model when eval.judge=classifier")
         check(self.mode in CLASSIFIER_MODES, "mode", self.mode, f"must be one of {CLASSIFIER_MODES}")
         check(0.0 < self.threshold < 1.0, "threshold", self.threshold, "must be in (0, 1)")
@@ -71,7 +72,7 @@ def parse_guard_output(text: str) -> tuple[bool | None, str]:
 
 @register
 class ClassifierJudge:
-    """A harm classifier run locally with transformers (``trust_remote_code=False``).
+    """A harm classifier run locally with transformers (``trust_remote_code=False``, safetensors only).
 
     ``mode="chat"``: a generative guard model (Llama Guard and kin); the (prompt, response)
     conversation goes through the model's own chat template and the first generated line is read as
@@ -116,6 +117,10 @@ class ClassifierJudge:
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
+        from spard.untrusted import require_safetensors
+
+        if model is None:
+            require_safetensors(name_or_path, key="eval.judge.model")  # as the main loader: never unpickle
         self.name_or_path = name_or_path
         self.threshold, self.input_format = threshold, input_format
         self.batch_size, self.max_length, self.max_new_tokens = batch_size, max_length, max_new_tokens
@@ -132,7 +137,7 @@ class ClassifierJudge:
             from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
             cls = AutoModelForSequenceClassification if mode == "sequence" else AutoModelForCausalLM
-            model = cls.from_pretrained(name_or_path, trust_remote_code=False)
+            model = cls.from_pretrained(name_or_path, trust_remote_code=False, use_safetensors=True)
             if device:
                 model = model.to(device)
         self.model = model.eval()

@@ -17,7 +17,8 @@ from typing import Any
 
 from spard.args import JudgeArgs, check
 from spard.errors import ConfigError
-from spard.evaluate.judges.base import JudgeResult, check_lengths, is_degenerate, register
+from spard.evaluate.judges.base import JudgeError, JudgeResult, check_lengths, is_degenerate, register
+from spard.redact import redact, register_secret
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class OpenAIArgs(JudgeArgs):
     reference sends it)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.judged_prompt in JUDGED_PROMPTS, "judged_prompt", self.judged_prompt,
               f"must be one of {list(JUDGED_PROMPTS)}")
         if self.rubric_file is not None:
@@ -157,6 +159,30 @@ class _Retryable(Exception):
     pass
 
 
+FATAL_STATUSES = {401: "unauthorized", 403: "forbidden", 404: "not found"}
+"""HTTP statuses after which no request of this evaluation can succeed: stop at the first one."""
+_MODEL_NOT_FOUND = re.compile(r"model[_ ]not[_ ]found|model\b.{0,120}\bdoes not exist|no such model|unknown model",
+                              re.IGNORECASE | re.DOTALL)
+
+
+def is_fatal_reply(status: int, body: str) -> bool:
+    """Whether an HTTP error reply means the judge cannot work at all (bad key, no access, wrong URL or model)."""
+    return status in FATAL_STATUSES or (400 <= status < 500 and bool(_MODEL_NOT_FOUND.search(body)))
+
+
+def fatal_message(status: int, body: str, *, url: str, model: str, api_key_env: str) -> str:
+    """The error for a fatal reply: status, what to check (the key's *variable*, never its value), the server's
+    words (redacted: a server may echo the Authorization header)."""
+    what = FATAL_STATUSES.get(status, "model not found")
+    if status in (401, 403):
+        hint = (f"check the API key in the environment variable {api_key_env}" if api_key_env else
+                "no key is sent (eval.judge.api_key_env is empty); set it to the variable holding the key")
+    else:
+        hint = f"check eval.judge.base_url and that eval.judge.model={model!r} exists there"
+    return (f"judge endpoint {url} answered HTTP {status} ({what}): {hint}. Evaluation stopped at the first "
+            f"such reply. Server said: {redact(body.strip()[:200])!r}")
+
+
 @register
 class OpenAIJudge:
     """GPT-4-judge protocol over any OpenAI-compatible ``/chat/completions`` endpoint (``urllib`` only).
@@ -165,6 +191,9 @@ class OpenAIJudge:
     ``max_retries`` times with exponential backoff (``backoff * 2**attempt`` seconds, or the server's
     ``Retry-After`` if larger). A reply without a parseable score, a non-JSON body, or a request that
     still fails after the retries is an error for that sample (``error=...``), never a silent "safe".
+    HTTP 401/403/404 or a "model not found" reply raise :class:`JudgeError` at once (:meth:`probe` tries one
+    request before the evaluation generates anything). The key's value is registered for redaction
+    (:mod:`spard.redact`): no file spard writes holds it, even when a server echoes it back.
     """
 
     name = "openai"
@@ -203,10 +232,12 @@ class OpenAIJudge:
         self.timeout, self.max_tokens, self.concurrency, self.template = timeout, max_tokens, concurrency, template
         self.judged_prompt = judged_prompt
         """``templated``: the harm evaluation passes the rendered prompt the model saw (see OpenAIArgs)."""
+        self.api_key_env = api_key_env
         self.api_key: str | None = None
         if api_key_env:
             self.preflight(OpenAIArgs(api_key_env=api_key_env))
             self.api_key = os.environ.get(api_key_env)
+            register_secret(self.api_key)  # from here on, no file spard writes can hold it
 
     def _post(self, body: bytes) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}
@@ -217,16 +248,31 @@ class OpenAIJudge:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            detail = e.read()[:200].decode("utf-8", "replace")
+            detail = redact(e.read()[:2000].decode("utf-8", "replace"))
+            if is_fatal_reply(e.code, detail):
+                raise JudgeError(fatal_message(e.code, detail, url=self.url, model=self.model,
+                                               api_key_env=self.api_key_env)) from None
             if e.code == 429 or e.code >= 500:
-                raise _Retryable(f"HTTP {e.code}: {detail}", e.headers.get("Retry-After")) from None
-            raise RuntimeError(f"HTTP {e.code}: {detail}") from None
+                raise _Retryable(f"HTTP {e.code}: {detail[:200]}", e.headers.get("Retry-After")) from None
+            raise RuntimeError(f"HTTP {e.code}: {detail[:200]}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
             raise _Retryable(f"connection error: {getattr(e, 'reason', e)}", None) from None
         try:
             return json.loads(raw)
         except json.JSONDecodeError:
-            raise RuntimeError(f"non-JSON reply: {raw[:120].decode('utf-8', 'replace')!r}") from None
+            raise RuntimeError(f"non-JSON reply: {redact(raw[:120].decode('utf-8', 'replace'))!r}") from None
+
+    def probe(self) -> None:
+        """One cheap request before anything is generated: a rejected key or an unknown model raises
+        :class:`JudgeError` now, not after the model has answered every prompt. Any other failure is left to
+        the per-reply errors (and ``max_error_rate``)."""
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": "Reply with OK."}],
+                           "temperature": 0, "max_tokens": 1}).encode()
+        try:
+            self._post(body)
+        except (_Retryable, RuntimeError) as e:
+            log.warning("judge endpoint %s: probe request failed (%s); judging will retry per reply", self.url,
+                        e.args[0])
 
     def _request(self, prompt: str, response: str) -> str:
         body = json.dumps({
@@ -275,5 +321,9 @@ class OpenAIJudge:
         check_lengths(prompts, responses)
         if self.concurrency == 1 or len(prompts) <= 1:
             return [self.judge_one(p, r) for p, r in zip(prompts, responses)]
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self.judge_one, prompts, responses))
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
+            futures = [pool.submit(self.judge_one, p, r) for p, r in zip(prompts, responses)]
+            return [f.result() for f in futures]
+        finally:  # on a JudgeError: requests not yet sent are dropped, not sent to a server that refuses them
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,98 @@
+"""``train.bf16`` / ``eval.bf16``: what ``auto`` decides on a CPU (measured, cached per machine) and that the
+settings reach the Trainer and the evaluation. The timings themselves are faked here: speed is measured by
+``perf/cpu_bf16.py``, never asserted in a unit test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import spard.precision as precision
+from spard.args import TrainArgs
+from spard.config import load_config
+from spard.testing import tiny_model
+from spard.trainer import training_arguments
+
+
+@pytest.fixture
+def fresh_decisions(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "_DECISIONS", {})
+    monkeypatch.setattr(precision, "MIN_HIDDEN", 0)  # let the tiny model through to the measurement
+
+
+def _fake(monkeypatch, matmul, step):
+    calls = {"matmul": 0, "step": 0}
+
+    def fake_matmul(*a, **k):
+        calls["matmul"] += 1
+        return matmul
+
+    def fake_step(*a, **k):
+        calls["step"] += 1
+        return step
+
+    monkeypatch.setattr(precision, "matmul_speedup", fake_matmul)
+    monkeypatch.setattr(precision, "step_speedup", fake_step)
+    return calls
+
+
+@pytest.mark.parametrize(("matmul", "step", "want", "step_measured"), [
+    (0.01, 5.0, False, False),  # AVX2-only: emulated bf16; the model step is never tried
+    (5.8, 0.81, False, True),   # fast matmuls, slower whole step (what the issue measured): fp32
+    (5.8, 1.29, False, True),   # just under the bar
+    (5.8, 1.6, True, True),
+])
+def test_auto_on_a_cpu_takes_bf16_only_when_the_model_step_is_measured_faster(
+        matmul, step, want, step_measured, monkeypatch, fresh_decisions, tiny_tok):
+    calls = _fake(monkeypatch, matmul, step)
+    decision = precision.decide_cpu_bf16(tiny_model(tiny_tok))
+    assert decision.use_bf16 is want
+    assert calls["step"] == int(step_measured)
+    assert precision.use_bf16("auto", model=tiny_model(tiny_tok)) is want
+
+
+def test_decision_is_measured_once_per_machine_and_kept_on_disk(monkeypatch, fresh_decisions, tmp_path, tiny_tok):
+    calls = _fake(monkeypatch, 2.0, 2.0)
+    assert precision.decide_cpu_bf16(tiny_model(tiny_tok)).use_bf16
+    monkeypatch.setattr(precision, "_DECISIONS", {})  # a new process: read back from precision.json
+    assert precision.decide_cpu_bf16(tiny_model(tiny_tok)).use_bf16
+    assert calls == {"matmul": 1, "step": 1}
+    stored = json.loads((tmp_path / "cache" / "precision.json").read_text())
+    assert list(stored.values()) == [{"use_bf16": True, "matmul_speedup": 2.0, "step_speedup": 2.0}]
+
+
+def test_explicit_settings_and_small_models_are_not_measured(monkeypatch, tiny_tok):
+    calls = _fake(monkeypatch, 9.0, 9.0)
+    monkeypatch.setattr(precision, "_DECISIONS", {})
+    assert precision.use_bf16("true") and precision.use_bf16(True)
+    assert not precision.use_bf16("false")
+    if not torch.cuda.is_available():
+        assert not precision.use_bf16("auto", model=tiny_model(tiny_tok))  # 32 wide: below MIN_HIDDEN
+        assert not precision.use_bf16("auto", model=None)
+    assert calls == {"matmul": 0, "step": 0}
+
+
+def test_training_arguments_follow_the_decision(monkeypatch, fresh_decisions, tmp_path, tiny_tok):
+    if torch.cuda.is_available():
+        pytest.skip("CPU decision")
+    _fake(monkeypatch, 2.0, 2.0)
+    model = tiny_model(tiny_tok)
+    assert training_arguments(TrainArgs(output_dir=str(tmp_path)), tmp_path, model).bf16
+    assert not training_arguments(TrainArgs(output_dir=str(tmp_path), bf16="false"), tmp_path, model).bf16
+    assert not training_arguments(TrainArgs(output_dir=str(tmp_path)), tmp_path).bf16  # no model: fp32
+
+
+def test_bf16_keys_accept_yaml_booleans_and_refuse_other_words():
+    cfg = load_config(None, ["train.bf16=true", "eval.bf16=false", "train.gradient_checkpointing=false"])
+    assert (cfg.train.bf16, cfg.eval.bf16, cfg.train.gradient_checkpointing) == ("true", "false", "false")
+    with pytest.raises(Exception, match=r"eval.bf16"):
+        load_config(None, ["eval.bf16=maybe"])
+    with pytest.raises(Exception, match=r"train.gradient_checkpointing"):
+        load_config(None, ["train.gradient_checkpointing=sometimes"])
+
+
+def test_real_matmul_probe_returns_a_positive_ratio():
+    assert precision.matmul_speedup(16, 16, tokens=8, reps=1) > 0
