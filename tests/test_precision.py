@@ -96,3 +96,18 @@ def test_bf16_keys_accept_yaml_booleans_and_refuse_other_words():
 
 def test_real_matmul_probe_returns_a_positive_ratio():
     assert precision.matmul_speedup(16, 16, tokens=8, reps=1) > 0
+
+
+@pytest.mark.parametrize("setting", ["true", "false"])
+def test_eval_bf16_runs_the_evaluation_under_autocast_and_records_it(setting, tiny_tok, tmp_path):
+    from spard.evaluate.args import EvalArgs
+    from spard.evaluate.runner import evaluate_model
+
+    args = EvalArgs(harm_sets=["I-MaliciousInstructions"], harm_limit=2, harm_max_new_tokens=3, tasks=[],
+                    progress=False, bf16=setting)
+    seen = []
+    model = tiny_model(tiny_tok)
+    model.register_forward_hook(lambda m, i, o: seen.append(torch.is_autocast_enabled("cpu")))
+    results = evaluate_model(model, tiny_tok, args, tmp_path)
+    assert results["environment"]["bf16_autocast"] is (setting == "true")
+    assert seen and set(seen) == {setting == "true"}
