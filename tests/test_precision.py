@@ -111,3 +111,14 @@ def test_eval_bf16_runs_the_evaluation_under_autocast_and_records_it(setting, ti
     results = evaluate_model(model, tiny_tok, args, tmp_path)
     assert results["environment"]["bf16_autocast"] is (setting == "true")
     assert seen and set(seen) == {setting == "true"}
+
+
+def test_auto_is_fp32_in_a_multi_process_cpu_run_without_measuring(monkeypatch, fresh_decisions, tiny_tok):
+    """Ranks timing for themselves could disagree; a CPU run under torchrun stays fp32 unless told otherwise."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU decision")
+    calls = _fake(monkeypatch, 9.0, 9.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not precision.use_bf16("auto", model=tiny_model(tiny_tok))
+    assert precision.use_bf16("true", model=tiny_model(tiny_tok))
+    assert calls == {"matmul": 0, "step": 0}

@@ -201,7 +201,8 @@ class TrainArgs:
     """Continue an interrupted run from its last checkpoint in ``output_dir``."""
     bf16: str = "auto"
     """bf16 autocast: ``auto`` = on where a GPU supports it, and on a CPU only where a measurement on this machine
-    finds it at least 1.3x faster for this model (``spard.precision``; cached per machine); ``true``; ``false``."""
+    finds it at least 1.3x faster for this model (``spard.precision``; cached per machine; fp32 in a multi-process
+    CPU run); ``true``; ``false``."""
     gradient_checkpointing: str = "auto"
     """Recompute activations in the backward pass instead of keeping them (less memory, one more forward):
     ``false``; ``true`` (torch's non-reentrant checkpointing, exact for every defense); ``reentrant`` (torch's
@@ -238,6 +239,10 @@ class AlignDefenseArgs(PluginArgs):
     other registered in ``spard.align_defenses``."""
 
 
+ALIGN_METHODS = ("sft", "dpo")
+"""Values of ``align.method``."""
+
+
 @dataclass
 class AlignArgs:
     enabled: bool = True
@@ -272,9 +277,25 @@ class AlignArgs:
     defense: AlignDefenseArgs = field(default_factory=AlignDefenseArgs)
     """Alignment-stage defense and its options: a name (``none``, ``vaccine``, ``booster``, ``repnoise``) or
     ``{name: vaccine, rho: 2}``. Part of the aligned model's cache key."""
+    method: str = "sft"
+    """How the model is aligned: ``sft`` (refusals + benign answers) or ``dpo`` (TRL's DPOTrainer on ``n_safety``
+    packaged (harmful prompt, refusal, harmful answer) pairs; see :mod:`spard.jobs.align_dpo`). Part of the key."""
+    full_finetune: bool = False
+    """Train every parameter instead of a LoRA adapter (``lora_r`` is then unused). Part of the key."""
+    dpo_beta: float = 0.1
+    """DPO's β (how far the aligned model may move from the model it starts from); ``method: dpo`` only."""
 
     def __post_init__(self) -> None:
         self.defense = _as_plugin(self.defense, AlignDefenseArgs)  # type: ignore[assignment]
+        check_choice("method", self.method, ALIGN_METHODS)
+        check(self.dpo_beta > 0, "dpo_beta", self.dpo_beta, "must be > 0")
+        if self.method == "dpo" and self.n_benign:
+            raise FieldError("n_benign", self.n_benign, "must be 0 with method=dpo: DPO trains on preference pairs "
+                             "and no packaged source holds a needless refusal of a benign prompt to pair with its "
+                             "helpful answer")
+        if self.method == "dpo" and self.defense.name != "none":
+            raise FieldError("defense", self.defense.name, "alignment-stage defenses train through the SFT loop; "
+                             "use them with method=sft")
         check_range("n_safety", self.n_safety, 0)
         check_range("n_benign", self.n_benign, 0)
         check_range("lr", self.lr, 0.0)

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -185,6 +186,8 @@ def use_bf16(setting: str | bool, *, model: torch.nn.Module | None = None) -> bo
         return False  # nothing to measure with; a model already in low precision is not autocast
     if _shape(model)["hidden"] < MIN_HIDDEN:
         return False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False  # each rank would time for itself and might decide otherwise: set train.bf16 explicitly
     return decide_cpu_bf16(model).use_bf16
 
 
