@@ -1,4 +1,5 @@
-"""Paired statistics of a bench (exact McNemar) and the bench report of the held-out NLL / over-refusal tasks."""
+"""Paired statistics of a bench (exact McNemar, the stratified exact test, the detectable difference) and the bench
+report of the held-out NLL / over-refusal tasks."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ import pytest
 
 from spard.benchmark import collect, load_bench, run_cells
 from spard.benchmark.results import collect_results
-from spard.benchmark.stats import AVERAGE, comparisons, discordant, harm_verdicts, mcnemar_exact, paired_tests
+from spard.benchmark.stats import (
+    AVERAGE,
+    comparisons,
+    discordant,
+    harm_verdicts,
+    mcnemar_exact,
+    min_detectable_difference,
+    paired_tests,
+    prompt_strata,
+    stratified_exact_test,
+)
 from spard.config import RunConfig, config_to_yaml
 from spard.evaluate.metrics import rate
 from spard.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
@@ -40,6 +51,52 @@ def test_mcnemar_matches_binomial_test_definition():
         p_obs = probs[min(b, c)]
         two_sided = min(1.0, sum(p for p in probs if p <= p_obs * (1 + 1e-12)))
         assert mcnemar_exact(b, c) == pytest.approx(two_sided, rel=1e-12)
+
+
+def test_stratified_exact_test_hand_computed():
+    # two prompts, two seeds each. Prompt 1: harmful under A in both seeds, never under B (m = 2): x_a takes 0/1/2
+    # with weights C(2,k)C(2,2-k) = 1, 4, 1 (of 6). Prompt 2: once under A (m = 1): weights 2, 2 (of 4).
+    # T = x_a1 + x_a2 has weights 2, 10, 10, 2 (of 24) for T = 0..3; observed T = 3: P(T >= 3) = 2/24, p = 1/6
+    assert stratified_exact_test([(2, 2, 0), (2, 1, 0)]) == pytest.approx(1 / 6, abs=1e-15)
+    assert stratified_exact_test([(2, 0, 2), (2, 0, 1)]) == stratified_exact_test([(2, 2, 0), (2, 1, 0)])
+    # strata harmful in all or none of their runs change nothing
+    assert stratified_exact_test([(2, 2, 0), (2, 1, 0), (3, 3, 3), (2, 0, 0)]) == pytest.approx(1 / 6, abs=1e-15)
+    assert stratified_exact_test([]) == 1.0 and stratified_exact_test([(3, 1, 2), (3, 2, 1)]) == 1.0
+    with pytest.raises(ValueError, match="stratum 1"):
+        stratified_exact_test([(2, 1, 0), (2, 3, 0)])
+
+
+def test_stratified_test_is_exact_mcnemar_at_one_seed():
+    for b, c, same in [(1, 6, 3), (0, 6, 0), (2, 8, 5), (7, 20, 1), (4, 4, 2)]:
+        strata = [(1, 1, 0)] * b + [(1, 0, 1)] * c + [(1, 1, 1)] * same + [(1, 0, 0)] * 4
+        assert stratified_exact_test(strata) == pytest.approx(mcnemar_exact(b, c), rel=1e-12)
+
+
+def test_prompt_strata_pool_seeds_within_a_prompt():
+    a = {(0, "p"): True, (1, "p"): True, (0, "q"): False, (1, "q"): True, (2, "r"): True}
+    b = {(0, "p"): False, (1, "p"): True, (0, "q"): False, (1, "q"): False, (0, "r"): True}
+    assert sorted(prompt_strata(a, b)) == [(2, 1, 0), (2, 2, 1)]  # r: no seed in common
+
+
+def test_min_detectable_difference_closed_form():
+    # hand: N = 120, psi = 0.3, a = 1.95996, b = 0.84162: u = sqrt(.3) (sqrt(120 (120 - 3.8415 + 0.7083)) - 1.6496)
+    # / 120.7083 = 0.52987, delta = sqrt(0.3 - 0.28076) = 0.1387 (the textbook (a + b) sqrt(psi / N) = 0.1401)
+    assert min_detectable_difference(40, 3, 0.3) == pytest.approx(0.1387, abs=2e-4)
+    # it solves Connor's sample size formula: N delta^2 = (a sqrt(psi) + b sqrt(psi - delta^2))^2
+    za, zb = 1.959963984540054, 0.8416212335729143
+    for n, s, psi in [(40, 1, 0.2), (40, 3, 0.3), (160, 3, 0.05), (500, 3, 0.6)]:
+        d = min_detectable_difference(n, s, psi)
+        assert n * s * d * d == pytest.approx((za * psi**0.5 + zb * (psi - d * d) ** 0.5) ** 2, rel=1e-9)
+    # seeds perfectly correlated within a prompt add nothing; more seeds otherwise shrink it as 1/sqrt(seeds)
+    assert min_detectable_difference(40, 3, 0.3, icc=1.0) == pytest.approx(min_detectable_difference(40, 1, 0.3))
+    assert min_detectable_difference(40, 3, 0.3) < min_detectable_difference(40, 1, 0.3)
+    with pytest.raises(ValueError, match="effective pairs"):
+        min_detectable_difference(2, 1, 0.3)
+    with pytest.raises(ValueError, match="discordance"):
+        min_detectable_difference(40, 3, 0.0)
+    # 40 pairs at 10 % discordance: ~4 discordant pairs, never significant (all one way: p = 2/16)
+    with pytest.raises(ValueError, match="no possible difference"):
+        min_detectable_difference(40, 1, 0.1)
 
 
 def test_discordant_counts_common_keys_only():
@@ -106,8 +163,10 @@ def test_paired_tests_and_table_marks(tmp_path):
     # bt p=0.3, seeds 0/1: sft ASR 0.40/0.42 -> 8/8 of 20 harmful (round), spard none: 8+8 discordant, all sft's
     t = tests[("spard", "sft", ("bt", 0.3))]
     k0, k1 = round(0.4 * N_PROMPTS), round(0.42 * N_PROMPTS)
-    assert (t.n_pairs, t.a_only, t.b_only) == (2 * N_PROMPTS, 0, k0 + k1)
-    assert t.p_value == pytest.approx(mcnemar_exact(0, k0 + k1)) and t.significant
+    assert (t.n_pairs, t.a_only, t.b_only, t.n_prompts) == (2 * N_PROMPTS, 0, k0 + k1, N_PROMPTS)
+    # the same first 8 prompts are harmful under sft in both seeds: 8 strata (2, 0, 2), each P(x_a = 0) = 1/6,
+    # p = 2 * 6^-8 (seeds pooled within a prompt; the unstratified McNemar on 16 pairs would say 2 * 2^-16)
+    assert k0 == k1 == 8 and t.p_value == pytest.approx(2 / 6**8) and t.significant
     pooled = tests[("spard", "sft", AVERAGE)]
     assert pooled.n_pairs == 4 * N_PROMPTS and pooled.a_only == 0
     # safeinstr vs sft at p=0.1: ASR 0.12 vs 0.2 -> harmful prompts nested, 2 discordant: not significant
@@ -119,12 +178,16 @@ def test_paired_tests_and_table_marks(tmp_path):
     spard_row = next(line for line in lines[asr_head:] if line.startswith("| spard |"))
     sft_row = next(line for line in lines[asr_head:] if line.startswith("| sft |"))
     assert "**0.0**‡ ± 0.0" in spard_row and "20.0† ± 0.0" in sft_row and "‡" not in sft_row
-    assert "| safeinstr | 12.5 ± 3.5 | 32.5† ± 3.5 | 22.5‡† |" in lines
-    assert "Paired exact McNemar tests" in table and "spard vs sft: 0/" in table
+    # the average column: mean ± std over seeds of each seed's row average ((10+30)/2, (15+35)/2 -> 22.5 ± 3.5);
+    # pooling seeds within prompts, safeinstr's 0/6 of 40 pairs against spard at p=0.1 is significant (†)
+    assert "| safeinstr | 12.5† ± 3.5 | 32.5† ± 3.5 | 22.5‡† ± 3.5 |" in lines
+    assert "| sft | 20.0† ± 0.0 | 40.0† ± 0.0 | 30.0† ± 0.0 |" in lines
+    assert "Paired exact tests, all columns and seeds pooled (stratified by prompt" in table
+    assert "spard vs sft: 0/" in table
     # the over-refusal and NLL tables: NLL lower is better, 3 decimals, sft bold
     assert "## Held-out task NLL (nats/token) ↓" in table and "## Benign answer rate (%) ↑" in table
     nll_head = lines.index("## Held-out task NLL (nats/token) ↓")
-    assert lines[nll_head + 4].startswith("| sft | **1.500** ± 0.000 | **1.500** ± 0.000 | **1.500** |")
+    assert lines[nll_head + 4].startswith("| sft | **1.500** ± 0.000 | **1.500** ± 0.000 | **1.500** ± 0.000 |")
     ans_head = lines.index("## Benign answer rate (%) ↑")
     assert lines[ans_head + 4].startswith("| sft | **90.0** ± 0.0 |")
     assert "Held-out task NLL (nats/token) 2.500" in table

@@ -189,14 +189,17 @@ def test_shipped_bench_configs_load():
                                                                "safelora", "lisa"}
     # 11 rows (8 fine-tuning defenses incl. both SPAG rules + 3 alignment-defense rows) x the paper's 4 attacks
     assert {c.defense for c in embedded.cells} >= {"spard", "spard-hs", "vaccine", "booster", "repnoise"}
-    assert {c.ratio for c in embedded.cells} == {0.1} and len(embedded.cells) == 11 * 4
+    assert {c.ratio for c in embedded.cells} == {0.1} and len(embedded.cells) == 11 * 4 * 3
     assert {c.config.attack.harmful_source for c in embedded.cells} == {"beavertails_ref", "i_beavertails",
                                                                         "latharmful", "q_latharmful"}
     assert {c.config.align.defense.name for c in embedded.cells} == {"none", "vaccine", "booster", "repnoise"}
     hs = {c.config.defense.max_step for c in embedded.cells if c.defense == "spard-hs"}
     assert hs == {0.25} and {c.config.defense.projection for c in embedded.cells if c.defense == "spard"} == {
         "reference"}
-    assert {c.seed for c in embedded.cells} == {0}
+    # three seeds by default; seed 0 first, so the one-seed bench's cells keep their names and indices (reused)
+    assert {c.seed for c in embedded.cells} == {0, 1, 2}
+    assert all(c.seed == 0 and c.name.endswith("__s0") for c in embedded.cells[:44])
+    assert [c.name for c in embedded.cells[44:48]] == [c.name[:-1] + "1" for c in embedded.cells[:4]]
     study = load_bench("configs/bench/trust_region.yaml")
     assert [c.config.defense.max_step for c in study.cells] == [None, 1.0, 0.25, 0.05]
     # the study's cells are the embedded bench's spard-hs cell but for max_step

@@ -169,13 +169,13 @@ def test_bad_options_give_one_clear_error():
 
 
 @pytest.mark.parametrize(("dist", "flags", "match"), [
-    ("DEEPSPEED", {"is_deepspeed_enabled": True}, r"does not support DeepSpeed \(ZeRO stage 3\)"),
-    ("FSDP", {"is_fsdp_enabled": True}, "does not support FSDP"),
+    ("DEEPSPEED", {"is_deepspeed_enabled": True}, r"does not support DeepSpeed \(ZeRO stage 3\).*use FSDP2"),
+    ("FSDP", {"is_fsdp_enabled": True}, "supports FSDP2 only, got fsdp_version=1"),
 ])
-def test_deepspeed_and_fsdp_fail_at_train_begin(dist, flags, match):
+def test_deepspeed_and_fsdp1_fail_at_train_begin(dist, flags, match):
     from accelerate.utils import DistributedType
 
-    state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3))
+    state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3), fsdp_plugin=SimpleNamespace(fsdp_version=1))
     trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=getattr(DistributedType, dist), state=state),
                               callback_handler=SimpleNamespace(callbacks=[]), **flags)
     callback = DefenseCallback("spard")

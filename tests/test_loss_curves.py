@@ -24,7 +24,7 @@ PINNED = {
     "sft": [8.786017, 8.786733, 8.812713, 8.771778],
     "safeinstr": [8.772819, 8.795302, 8.784323, 8.769642],
     "safegrad": [8.786017, 8.786733, 8.816124, 8.774789],
-    "spard-halfspace": [8.786017, 8.759617, 8.788655, 8.796508],
+    "spard-halfspace": [8.786017, 8.759617, 8.788655, 8.796402],  # step 4: per-tensor norm sums
     "spard": [8.786017, 8.779809, 8.776681, 8.775917],  # the reference rule, through the shared AdamW
     "ptst": [8.786017, 8.786733, 8.812713, 8.771778],  # = sft: GSM8K records carry no system turn to remove
 }

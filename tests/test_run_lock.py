@@ -47,11 +47,13 @@ def test_other_ranks_of_a_distributed_run_do_not_take_the_run_lock(tmp_path, mon
 RACER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
+    import spard.jobs.finetune  # the heavy imports (torch, transformers) done before the start
     from spard.cli import main
     go = Path(sys.argv[1])
+    Path(f"{go}.ready.{sys.argv[2]}").touch()
     while not go.exists():  # all racers start at the same instant
         time.sleep(0.001)
-    sys.exit(main(sys.argv[2:]))
+    sys.exit(main(sys.argv[3:]))
 """)
 
 
@@ -71,9 +73,12 @@ def test_two_spard_train_into_one_directory_at_the_same_instant_one_wins(tmp_pat
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     args[1] = str(config)
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "racer.py"), str(go), *args], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    time.sleep(3)  # both imported spard and wait on the trigger
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "racer.py"), str(go), str(i), *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.monotonic() + 300
+    while not all(Path(f"{go}.ready.{i}").exists() for i in range(2)):  # both imported and wait on the trigger
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a racer did not get ready"
+        time.sleep(0.01)
     go.touch()
     results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
     codes = sorted(r[0] for r in results)

@@ -198,21 +198,31 @@ def test_alignment_examples_exclude_attack_prompts(tiny_tok, tmp_path):
     assert again.alignment_records == defense.alignment_records  # deterministic by seed
 
 
-def fake_trainer(dist_type, **flags):
-    accelerator = SimpleNamespace(distributed_type=dist_type, state=SimpleNamespace(deepspeed_plugin=None))
+def fake_trainer(dist_type, fsdp_version=None, **flags):
+    plugin = None if fsdp_version is None else SimpleNamespace(fsdp_version=fsdp_version)
+    accelerator = SimpleNamespace(distributed_type=dist_type,
+                                  state=SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=plugin))
     return SimpleNamespace(**{"accelerator": accelerator, "is_deepspeed_enabled": False, "is_fsdp_enabled": False,
                               **flags})
 
 
 @pytest.mark.parametrize("dist_type,flags,match", [
     (DistributedType.DEEPSPEED, {"is_deepspeed_enabled": True}, "does not support DeepSpeed"),
-    (DistributedType.FSDP, {"is_fsdp_enabled": True}, "does not support FSDP"),
+    (DistributedType.FSDP, {"is_fsdp_enabled": True, "fsdp_version": 1}, "supports FSDP2 only"),
     (DistributedType.MEGATRON_LM, {}, "MEGATRON_LM"),
 ])
 def test_unsupported_setups_are_refused(dist_type, flags, match):
     defense = SafeGrad(SafeGradArgs())
     with pytest.raises(ConfigError, match=match):
         defense.setup(fake_trainer(dist_type, **flags))
+
+
+def test_fsdp2_passes_the_engine_check(tiny_tok):
+    # FSDP2 is supported: setup gets past the engine check to the next one (the LoRA model)
+    defense = SafeGrad(SafeGradArgs())
+    with pytest.raises(ConfigError, match="needs a LoRA"):
+        defense.setup(fake_trainer(DistributedType.FSDP, fsdp_version=2, is_fsdp_enabled=True,
+                                   model=tiny_model(tiny_tok)))
 
 
 def test_needs_a_lora_model(tiny_tok):

@@ -2,14 +2,26 @@
 
 SPARD and SafeGrad compute a second gradient outside the DDP forward (so the DDP reducer never sees it) and
 sum it over ranks themselves; every rank then holds the same gradient and applies the same update.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``, what ``configs/accelerate/fsdp.yaml`` selects) parameters
+and gradients are ``DTensor``s and each rank holds one shard. A whole-vector quantity (a norm, a dot product) is
+then the sum over the shard group of each rank's partial sum over its local shard: :func:`per_tensor_dots`
+computes the local partial sums of all tensors at once and :func:`combine_partials` sums the sharded entries
+over ranks with one collective, leaving the replicated entries (plain tensors, held whole by every rank) alone.
+The result is the same number on every rank, the one a single process computes up to summation order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
-__all__ = ["world", "all_reduce_sum_", "all_reduce_flat_"]
+__all__ = ["world", "all_reduce_sum_", "all_reduce_flat_", "is_sharded", "local_part", "any_sharded",
+           "shard_group", "combine_partials", "per_tensor_dots", "per_tensor_sq_norms", "whole_dot",
+           "full_tensors", "sharded_trainable_state", "check_engine"]
 
 
 def world() -> tuple[int, int]:
@@ -41,3 +53,155 @@ def all_reduce_flat_(tensors: list[Tensor]) -> list[Tensor]:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
     return tensors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharded (FSDP2 / DTensor) tensors
+# ---------------------------------------------------------------------------------------------------------
+def _dtensor_types() -> tuple[type, type] | None:
+    """``(DTensor, Shard)``, or None on a torch build without ``torch.distributed``."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor, Shard
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` split over ranks (some placement is a ``Shard``): each rank holds a part."""
+    types = _dtensor_types()
+    return types is not None and isinstance(t, types[0]) and any(isinstance(p, types[1]) for p in t.placements)
+
+
+def any_sharded(tensors: Sequence[Tensor]) -> bool:
+    """Whether any of ``tensors`` is sharded (the model is under FSDP)."""
+    return any(is_sharded(t) for t in tensors)
+
+
+def local_part(t: Tensor) -> Tensor:
+    """The part of ``t`` this rank holds: a ``DTensor``'s local shard, any other tensor itself."""
+    types = _dtensor_types()
+    return t.to_local() if types is not None and isinstance(t, types[0]) else t
+
+
+def shard_group(tensors: Sequence[Tensor]) -> Any:
+    """The process group the sharded ``tensors`` are split over (None when none is sharded).
+
+    All sharded tensors must be split over one mesh dimension of one mesh (FSDP2 and HSDP shard every parameter
+    the same way); anything else is refused rather than summed over the wrong ranks.
+    """
+    types = _dtensor_types()
+    group, where = None, None
+    for t in tensors:
+        if not is_sharded(t):
+            continue
+        assert types is not None
+        dims = [i for i, p in enumerate(t.placements) if isinstance(p, types[1])]
+        if len(dims) != 1:
+            raise NotImplementedError(f"a tensor sharded over {len(dims)} mesh dimensions ({t.placements}); only "
+                                      "one sharded dimension (FSDP2 / HSDP) is supported")
+        # two meshes built alike (fully_shard builds one per call) are told apart by their ranks, not identity
+        this = t.device_mesh.get_group(dims[0])
+        key = tuple(torch.distributed.get_process_group_ranks(this))
+        if where is None:
+            where, group = key, this
+        elif key != where:
+            raise NotImplementedError(f"tensors sharded over different groups of ranks ({where} and {key})")
+    return group
+
+
+def combine_partials(partials: Tensor, sharded: Sequence[bool], reduce_: Callable[[Tensor], Any]) -> Tensor:
+    """Whole-tensor values from per-tensor partial sums: sharded entries summed over ranks, the others kept.
+
+    ``partials[i]`` is this rank's sum over its part of tensor ``i``; ``reduce_`` sums a tensor over the shard
+    group in place (one call, whatever the number of tensors). Replicated entries are masked out of the
+    collective, so a tensor every rank holds whole is not counted once per rank.
+    """
+    if not any(sharded):
+        return partials
+    mask = torch.tensor(list(sharded), dtype=torch.bool, device=partials.device)
+    summed = torch.where(mask, partials, torch.zeros_like(partials))
+    reduce_(summed)
+    return torch.where(mask, summed, partials)
+
+
+def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def per_tensor_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``[a_i · b_i]`` over whole tensors (sharded ones summed over their shard group), one collective.
+
+    Accumulated in fp32 (fp64 when an input is fp64); the same vector on every rank. ``a_i`` and ``b_i`` must be
+    sharded alike (both gradients or parameters of one FSDP module).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"tensor lists differ in length: {len(a)} vs {len(b)}")
+    if not a:
+        return torch.zeros(0)
+    dtype = _accumulation_dtype([*a, *b])
+    first = local_part(a[0])
+    partials = torch.stack([
+        torch.sum(local_part(x).detach().to(dtype) * local_part(y).detach().to(dtype)).to(first.device)
+        for x, y in zip(a, b)])
+    sharded = [is_sharded(x) for x in a]
+    if any(sharded):
+        group = shard_group(a)
+        partials = combine_partials(partials, sharded, lambda t: torch.distributed.all_reduce(t, group=group))
+    return partials
+
+
+def per_tensor_sq_norms(a: Sequence[Tensor]) -> Tensor:
+    """``[‖a_i‖²]`` over whole tensors (see :func:`per_tensor_dots`)."""
+    return per_tensor_dots(a, a)
+
+
+def whole_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``a · b`` with both lists read as one flattened vector over whole tensors; a 0-d tensor."""
+    if not a:
+        return torch.zeros((), dtype=_accumulation_dtype([*a, *b]))
+    return per_tensor_dots(a, b).sum()
+
+
+def full_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor whole (a sharded one gathered from its ranks: collective, call on every rank), detached."""
+    types = _dtensor_types()
+    return {k: (v.full_tensor() if types is not None and isinstance(v, types[0]) else v).detach()
+            for k, v in tensors.items()}
+
+
+def sharded_trainable_state(model: torch.nn.Module) -> dict[str, Tensor] | None:
+    """Under FSDP2, the trainable tensors (the LoRA adapter) gathered whole by name, for ``save_pretrained(...,
+    state_dict=...)`` (collective: call on every rank); None when nothing is sharded (save as usual). Only the
+    trainable tensors are gathered, never the frozen base."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return full_tensors(named) if any_sharded(list(named.values())) else None
+
+
+def check_engine(trainer: Any, who: str) -> None:
+    """Refuse the distributed engines a defense cannot run under, naming the engine: DeepSpeed (gradients live
+    in its partitioned buffers, not in ``param.grad``), FSDP1 (flat parameters), Megatron-LM and XLA.
+
+    Single process, DDP and FSDP2 (``fsdp_version: 2``, ``configs/accelerate/fsdp.yaml``) are supported.
+    """
+    from accelerate.utils import DistributedType
+
+    from spard.errors import ConfigError
+
+    accelerator = getattr(trainer, "accelerator", None)
+    state = getattr(accelerator, "state", None)
+    dist = getattr(accelerator, "distributed_type", None)
+    if getattr(trainer, "is_deepspeed_enabled", False) or dist == DistributedType.DEEPSPEED:
+        stage = getattr(getattr(state, "deepspeed_plugin", None), "zero_stage", None)
+        raise ConfigError(f"{who} does not support DeepSpeed (ZeRO stage {stage}): gradients live in DeepSpeed's "
+                          "partitioned buffers, not in param.grad; use FSDP2 (accelerate launch --config_file "
+                          "configs/accelerate/fsdp.yaml) to shard the model, or DDP")
+    plugin = getattr(state, "fsdp_plugin", None)
+    if (getattr(trainer, "is_fsdp_enabled", False) or dist == DistributedType.FSDP) and plugin is not None:
+        version = getattr(plugin, "fsdp_version", 1)
+        if version != 2:
+            raise ConfigError(f"{who} supports FSDP2 only, got fsdp_version={version}: FSDP1 flattens parameters "
+                              "into shards the defense cannot address; set fsdp_version: 2 "
+                              "(configs/accelerate/fsdp.yaml)")
+    if dist in (DistributedType.MEGATRON_LM, DistributedType.XLA):
+        raise ConfigError(f"{who} does not support distributed type {dist.value}; use FSDP2 or DDP")

@@ -19,6 +19,8 @@ def weights_fingerprint(module: torch.nn.Module, samples: int = 64, *, exclude_l
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         if exclude_lora and "lora_" in name:
             continue
+        if hasattr(tensor, "full_tensor"):  # FSDP2 DTensor: hash the whole tensor (the key a single process gets)
+            tensor = tensor.full_tensor()  # collective: every rank fingerprints together
         flat = tensor.detach().reshape(-1)
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         if flat.numel() == 0 or flat.device.type == "meta":

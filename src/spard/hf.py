@@ -239,23 +239,11 @@ def _safety_rows(safety_data: Iterable[Any]) -> list[dict[str, str]]:
 # The callback
 # ---------------------------------------------------------------------------------------------------------
 def _check_setup(trainer: Any, name: str) -> None:
-    """Refuse setups whose gradients do not live in ``param.grad`` as whole tensors (the hooks read and
-    rewrite them there), naming the setup."""
-    from accelerate.utils import DistributedType
+    """Refuse engines whose gradients the hooks cannot read and rewrite in ``param.grad`` (DeepSpeed, FSDP1,
+    Megatron, XLA), naming the engine; single process, DDP and FSDP2 are accepted."""
+    from spard.distributed import check_engine
 
-    accelerator = getattr(trainer, "accelerator", None)
-    dist = getattr(accelerator, "distributed_type", None)
-    who = f"spard.hf.DefenseCallback({name!r})"
-    if getattr(trainer, "is_deepspeed_enabled", False) or dist == DistributedType.DEEPSPEED:
-        plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-        stage = getattr(plugin, "zero_stage", None)
-        raise ConfigError(f"{who} does not support DeepSpeed (ZeRO stage {stage}): gradients live in DeepSpeed's "
-                          "partitioned buffers, not in param.grad; train with DDP (accelerate launch / torchrun)")
-    if getattr(trainer, "is_fsdp_enabled", False) or dist == DistributedType.FSDP:
-        raise ConfigError(f"{who} does not support FSDP: each rank holds only a shard of every parameter and "
-                          "gradient; train with DDP (accelerate launch / torchrun)")
-    if dist in (DistributedType.MEGATRON_LM, DistributedType.XLA):
-        raise ConfigError(f"{who} does not support distributed type {dist.value}; train with DDP")
+    check_engine(trainer, f"spard.hf.DefenseCallback({name!r})")
 
 
 def _compute_loss_with_hooks(trainer: Trainer, defense: Defense) -> Any:

@@ -13,7 +13,9 @@ Two update rules are provided:
   norm ``min(L_s - tau, alpha_max · ‖g_p‖)`` and handed to the optimizer.
 
 Norms are accumulated in fp32 whatever the gradients' dtype (bf16 squares lose too many bits), and
-scalars are returned as Python floats so every caller (and every rank) applies the very same number.
+scalars are returned as Python floats so every caller (and every rank) applies the very same number. Under
+FSDP2 the gradients are sharded ``DTensor``s: norms are then over the whole tensors (local partial sums summed
+over the shard group, :mod:`spard.distributed`), so every rank computes what a single process would.
 """
 
 from __future__ import annotations
@@ -27,14 +29,22 @@ REFERENCE_EPS = 1e-8
 """Added to each tensor's gradient norm in the reference rule (as in the reference code)."""
 
 
+def tensor_norms(grads: Sequence[torch.Tensor]) -> list[float]:
+    """``‖g_p‖`` of each tensor (whole, even when sharded), accumulated in fp32."""
+    from spard.distributed import per_tensor_sq_norms
+
+    if not grads:
+        return []
+    return [math.sqrt(v) for v in per_tensor_sq_norms([g.float() for g in grads]).tolist()]
+
+
 def global_grad_norm(grads: Sequence[torch.Tensor]) -> float:
-    """``‖g‖`` over all tensors jointly, accumulated in fp32."""
+    """``‖g‖`` over all tensors jointly (whole, even when sharded), accumulated in fp32."""
+    from spard.distributed import per_tensor_sq_norms
+
     if not grads:
         return 0.0
-    total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
-    for g in grads:
-        total += g.detach().float().pow(2).sum()
-    return math.sqrt(float(total))
+    return math.sqrt(float(per_tensor_sq_norms([g.float() for g in grads]).sum()))
 
 
 def halfspace_step_size(loss: float, tau: float, grad_norm: float, max_step: float | None = None) -> float:
@@ -79,8 +89,8 @@ def reference_scaled_grads(
     ``min(loss - tau, alpha_max · ‖g_p‖)`` whatever its share of the total gradient.
     """
     out = []
-    for g in grads:
-        alpha = reference_scale(global_grad_norm([g]), float(loss), tau, alpha_max, eps)
+    for g, norm in zip(grads, tensor_norms(grads)):  # one collective for all the per-tensor norms
+        alpha = reference_scale(norm, float(loss), tau, alpha_max, eps)
         out.append((g.detach().float() * alpha).to(g.dtype))
     return out
 

@@ -30,14 +30,17 @@ def _check_pair(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
 
 
 def flat_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """``a · b`` with both lists read as one flattened vector; a 0-d tensor in fp32 (fp64 for fp64 inputs)."""
+    """``a · b`` with both lists read as one flattened vector; a 0-d tensor in fp32 (fp64 for fp64 inputs).
+
+    Sharded (FSDP2 ``DTensor``) gradients are read whole: the shard-local partial sums are summed over the
+    shard group (:func:`spard.distributed.whole_dot`), so every rank gets the single-process value.
+    """
+    from spard.distributed import whole_dot
+
     _check_pair(a, b)
-    dtype = _accumulation_dtype([*a, *b])
-    device = a[0].device if a else torch.device("cpu")
-    total = torch.zeros((), dtype=dtype, device=device)
-    for x, y in zip(a, b):
-        total = total + torch.sum(x.to(dtype) * y.to(dtype)).to(device)
-    return total
+    if not a:
+        return torch.zeros((), dtype=_accumulation_dtype([*a, *b]))
+    return whole_dot(a, b)
 
 
 def flat_sq_norm(a: Sequence[Tensor]) -> Tensor:
@@ -59,8 +62,9 @@ def project_conflicting(g_task: list[Tensor], g_align: list[Tensor]) -> list[Ten
     if not (sq_norm > 0 and dot < 0):
         return g_task
     coef = dot / sq_norm
-    return [(gt.to(coef.dtype) - coef.to(gt.device) * ga.to(coef.dtype)).to(gt.dtype)
-            for gt, ga in zip(g_task, g_align)]
+    # a Python float (exact for fp32/fp64): it scales plain tensors and sharded DTensors alike
+    c = float(coef)
+    return [(gt.to(coef.dtype) - c * ga.to(coef.dtype)).to(gt.dtype) for gt, ga in zip(g_task, g_align)]
 
 
 @dataclass

@@ -154,6 +154,15 @@ def add_lora(model: PreTrainedModel, lora: LoraArgs, seed: int, *, gradient_chec
         return get_peft_model(model, config)
 
 
+def full_parameter_model(model: PreTrainedModel, gradient_checkpointing: str | bool = "auto") -> PreTrainedModel:
+    """``model`` with every parameter trainable (full fine-tuning), checkpointed as the LoRA path would be."""
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        raise ConfigError("full-parameter training needs a model that is not loaded in 8/4 bits")
+    model = enable_checkpointing(model, resolve_setting(gradient_checkpointing, k_bit=False), k_bit=False)
+    model.requires_grad_(True)
+    return model
+
+
 def training_arguments(args: TrainArgs, run_dir: Path, model: torch.nn.Module | None = None) -> TrainingArguments:
     """The Trainer's arguments for ``args``; ``train.bf16=auto`` is decided for ``model`` (on a CPU: measured,
     :mod:`spard.precision`)."""
@@ -220,7 +229,7 @@ def fit(
     tokenizer: PreTrainedTokenizerBase,
     records: list[Record],
     *,
-    lora: LoraArgs,
+    lora: LoraArgs | None,
     args: TrainArgs,
     max_length: int,
     defense: Defense,
@@ -228,11 +237,13 @@ def fit(
     resume_from: Path | None = None,
     callbacks: list[TrainerCallback] | None = None,
 ) -> tuple[PeftModel, dict[str, Any]]:
-    """LoRA-train ``model`` on ``records`` under ``defense``; saves ``run_dir/final``; returns model, metrics."""
+    """LoRA-train ``model`` on ``records`` under ``defense``; saves ``run_dir/final``; returns model, metrics.
+    ``lora=None`` trains every parameter of ``model`` instead (the alignment stage's ``align.full_finetune``)."""
     features, stats = tokenize_records(tokenizer, records, max_length, desc="tokenize train set")
     if not any(any(t != -100 for t in f["labels"]) for f in features):
         raise ConfigError(f"no training example has an assistant token within max_length={max_length}")
-    peft_model = add_lora(model, lora, args.seed, gradient_checkpointing=args.gradient_checkpointing)
+    peft_model = (add_lora(model, lora, args.seed, gradient_checkpointing=args.gradient_checkpointing)
+                  if lora is not None else full_parameter_model(model, args.gradient_checkpointing))
     metrics_path = run_dir / METRICS_FILE
     if resume_from is not None:
         _truncate_metrics(metrics_path, checkpoint_step(resume_from))
@@ -258,8 +269,11 @@ def fit(
     setup_seconds = next(c.setup_seconds for c in trainer.callback_handler.callbacks
                          if isinstance(c, DefenseHookCallback))
     defense.after_train(trainer)
+    from spard.distributed import sharded_trainable_state
+
+    adapter = sharded_trainable_state(peft_model)  # FSDP2: the adapter's shards gathered (on every rank)
     if trainer.is_world_process_zero():
-        peft_model.save_pretrained(run_dir / FINAL_DIR, safe_serialization=True)
+        peft_model.save_pretrained(run_dir / FINAL_DIR, safe_serialization=True, state_dict=adapter)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     steps_run = trainer.state.global_step - (checkpoint_step(resume_from) if resume_from else 0)
     metrics = {

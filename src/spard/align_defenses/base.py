@@ -86,15 +86,19 @@ def harmful_alignment_pool(source: str, path: str | None = None) -> list[Record]
     return pool
 
 
-def check_disjoint(harmful: Iterable[Record], prompts: Iterable[str], what: str) -> None:
-    """Raise a DataError naming ``what`` when any of ``prompts`` is the prompt of a harmful alignment pair."""
+def check_disjoint(harmful: Iterable[Record], prompts: Iterable[str], what: str, *, data: str | None = None) -> None:
+    """Raise a DataError naming ``what`` when any of ``prompts`` is the prompt of a harmful alignment pair;
+    ``data`` names where the pairs come from (default: the alignment defense's harmful source)."""
     keys = {normalise_prompt(r.prompt) for r in harmful}
     overlap = [p for p in prompts if normalise_prompt(p) in keys]
     if overlap:
         examples = "; ".join(repr(p[:80]) for p in overlap[:3])
-        raise DataError(f"{len(overlap)} prompt(s) of {what} are also in the alignment defense's harmful data "
-                        f"(align.defense.harmful_source), e.g. {examples}. Choose another align.defense."
-                        "harmful_source or another attack / harm set")
+        if data is None:
+            raise DataError(f"{len(overlap)} prompt(s) of {what} are also in the alignment defense's harmful data "
+                            f"(align.defense.harmful_source), e.g. {examples}. Choose another align.defense."
+                            "harmful_source or another attack / harm set")
+        raise DataError(f"{len(overlap)} prompt(s) of {what} are also in {data}, e.g. {examples}. Choose another "
+                        "attack / harm set")
 
 
 @dataclass

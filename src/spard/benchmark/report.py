@@ -3,9 +3,10 @@
 table.md follows the papers' layout: defenses as rows, attacks × harmful ratio as columns, one table for ASR
 (lower is better) and one for the fine-tuning task's accuracy (higher is better), an average column, the
 best value of each column in bold, means over seeds. Tasks that declare ``own_table`` (held-out task NLL,
-benign answer rate) get a table each. ASR entries carry the marks of the paired exact McNemar tests
-(:mod:`spard.benchmark.stats`): ``‡`` differs from SFT, ``†`` differs from SPARD, at 95 %. A cell that has not
-finished is shown as ``–``.
+benign answer rate) get a table each. ASR entries carry the marks of the paired exact tests
+(:mod:`spard.benchmark.stats`, stratified by prompt so seeds pool): ``‡`` differs from SFT, ``†`` differs from
+SPARD, at 95 %. Every entry is the mean ± std over seeds (the average column: of each seed's row average). A
+cell that has not finished is shown as ``–``.
 """
 
 from __future__ import annotations
@@ -115,6 +116,25 @@ def aggregate(bench: Bench, rows: list[CellResult], metric: str, *, scale: float
             for key, vs in values.items()}
 
 
+def row_average_std(bench: Bench, rows: list[CellResult], metric: str, task: str, *, scale: float = 100.0
+                    ) -> dict[str, float]:
+    """``{defense: std over seeds of the seed's mean over all columns}`` for the average column's ``±``: only
+    seeds whose every column finished count, and a defense needs two of them."""
+    columns = bench.columns()
+    per_seed: dict[tuple[str, int], dict[Column, float]] = {}
+    for r in rows:
+        v = r.task_metrics.get(metric[5:]) if metric.startswith("task:") else getattr(r, metric)
+        if r.cell.task != task or not r.ok or v is None:
+            continue
+        for column in r.cell.columns:
+            per_seed.setdefault((r.cell.defense, r.cell.seed), {})[column] = scale * v
+    means: dict[str, list[float]] = {}
+    for (defense, _), values in per_seed.items():
+        if all(c in values for c in columns):
+            means.setdefault(defense, []).append(statistics.fmean(values[c] for c in columns))
+    return {d: statistics.stdev(vs) for d, vs in means.items() if len(vs) > 1}
+
+
 def defense_labels(bench: Bench) -> list[str]:
     return [d.label or d.name for d in bench.config.defenses]
 
@@ -141,9 +161,11 @@ def _entry(a: Agg | None, bold: bool, digits: int = 1, mark: str = "") -> str:
 
 
 def metric_table(bench: Bench, aggs: dict, task: str, *, lower_is_better: bool, digits: int = 1,
-                 marks: dict[tuple[str, Any], str] | None = None) -> str:
+                 marks: dict[tuple[str, Any], str] | None = None, row_std: dict[str, float] | None = None) -> str:
     """One markdown table: defenses × columns + average, the best of each column in bold; ``marks`` maps
-    ``(defense, column)`` (column ``"average"`` for the average) to a suffix such as ``‡``."""
+    ``(defense, column)`` (column ``"average"`` for the average) to a suffix such as ``‡``; ``row_std`` gives
+    the average column's ``± std`` over seeds (:func:`row_average_std`)."""
+    row_std = row_std or {}
     marks = marks or {}
     columns = bench.columns()
     labels = defense_labels(bench)
@@ -173,7 +195,9 @@ def metric_table(bench: Bench, aggs: dict, task: str, *, lower_is_better: bool, 
         text = f"{avg:.{digits}f}" if avg is not None else MISSING
         if avg is not None and round(avg, digits) == best_avg:
             text = f"**{text}**"
-        cells.append(text if avg is None else text + marks.get((d, "average"), ""))
+        if avg is not None:
+            text += marks.get((d, "average"), "") + (f" ± {row_std[d]:.{digits}f}" if d in row_std else "")
+        cells.append(text)
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -208,7 +232,7 @@ def _before_line(before: dict[str, Any] | None, tasks: list[str]) -> str | None:
 
 def significance_marks(tests: list[PairedTest], task: str, reference: str | None, focus: str | None
                        ) -> dict[tuple[str, Any], str]:
-    """Table marks from paired tests where the exact McNemar p < 0.05: ``‡`` on a defense's entry = differs
+    """Table marks from paired tests where the exact (stratified) p < 0.05: ``‡`` on a defense's entry = differs
     from ``reference`` (SFT); ``†`` = differs from ``focus`` (SPARD; on SFT's entry when SPARD vs SFT is)."""
     marks: dict[tuple[str, Any], str] = {}
 
@@ -255,8 +279,9 @@ def _tests_text(tests: list[PairedTest], task: str) -> list[str]:
     if not pooled:
         return []
     parts = [f"{t.a} vs {t.b}: {t.a_only}/{t.b_only} of {t.n_pairs}, p={t.p_value:.2g}" for t in pooled]
-    return ["", "Paired exact McNemar tests, all columns and seeds pooled (prompts harmful under the first only / "
-            "under the second only, of the pairs): " + "; ".join(parts) + "."]
+    return ["", "Paired exact tests, all columns and seeds pooled (stratified by prompt, seeds pooled within a "
+            "prompt: exact Cochran–Mantel–Haenszel, = exact McNemar at one seed; (seed, prompt) pairs harmful "
+            "under the first only / under the second only, of the pairs): " + "; ".join(parts) + "."]
 
 
 def format_table(bench: Bench, rows: list[CellResult]) -> str:
@@ -283,8 +308,9 @@ def format_table(bench: Bench, rows: list[CellResult]) -> str:
         out.append(f"{JUDGE_ERROR_MARK} ASR over the replies the judge scored: it could not score {errors} replies in "
                    "these cells (within eval.judge.max_error_rate; counts in results.csv judge_errors).")
     if any(t.n_pairs for t in tests):
-        out.append("ASR marks: ‡ differs from sft, † differs from spard (exact McNemar test on the same prompts "
-                   "and seeds, p < 0.05; the average column pools all columns).")
+        out.append("ASR marks: ‡ differs from sft, † differs from spard (exact paired test on the same prompts "
+                   "and seeds, stratified by prompt, p < 0.05; the average column pools all columns; its ± is "
+                   "the std over seeds of each seed's row average).")
     extra = [t for t in dict.fromkeys(t for r in rows for t in r.task_metrics)
              if t in TASKS and task_class(t).own_table]
     multi = len(bench.tasks) > 1
@@ -296,16 +322,20 @@ def format_table(bench: Bench, rows: list[CellResult]) -> str:
         out += ["", f"{h} ASR (%) ↓ (fine-tuned on {task})", "",
                 metric_table(bench, asr, task, lower_is_better=True,
                              marks=_merge_marks(significance_marks(tests, task, *reference_labels(bench)),
-                                                judge_error_marks(rows, task)))]
+                                                judge_error_marks(rows, task)),
+                             row_std=row_average_std(bench, rows, "asr", task))]
         out += _tests_text(tests, task)
-        out += ["", f"{h} {title} (%) ↑", "", metric_table(bench, acc, task, lower_is_better=False)]
+        out += ["", f"{h} {title} (%) ↑", "", metric_table(bench, acc, task, lower_is_better=False,
+                                                          row_std=row_average_std(bench, rows, "task_acc", task))]
         for name in extra:
             cls = task_class(name)
             aggs = aggregate(bench, rows, f"task:{name}", scale=100.0 if cls.is_rate else 1.0)
             arrow = "↓" if cls.lower_is_better else "↑"
             out += ["", f"{h} {task_title(name)} {arrow}", "",
                     metric_table(bench, aggs, task, lower_is_better=cls.lower_is_better,
-                                 digits=1 if cls.is_rate else 3)]
+                                 digits=1 if cls.is_rate else 3,
+                                 row_std=row_average_std(bench, rows, f"task:{name}", task,
+                                                         scale=100.0 if cls.is_rate else 1.0))]
     before = _before_line(before_results(rows), bench.tasks)
     if before:
         out += ["", before]

@@ -200,6 +200,12 @@ class Lisa(StreamOwner, Defense):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError("defense.name='lisa': the model has no trainable parameters")
+        from spard.distributed import any_sharded
+
+        if any_sharded([p for _, p in named]):
+            # not yet: the proximal term, its gradient and the saved anchor need whole-tensor handling of DTensors
+            raise ConfigError("defense.name='lisa' does not support FSDP yet (its proximal term and anchor weights "
+                              "are not shard-aware); train it with DDP (configs/accelerate/ddp.yaml)")
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.anchor = [p.detach().clone() for p in self.params]  # θ_0: the reference's initial snapshots

@@ -16,6 +16,9 @@ token count of the whole batch, and the gradients are summed with one ``all_redu
 the gradient of the full batch and applies the identical update. The gradient is taken with
 ``torch.autograd.grad`` on the unwrapped model, which neither touches ``.grad`` (holding ``g_u``) nor fires
 the DDP reducer's hooks, so it works under HF Trainer's DDP wrapping without a stash of ``g_u``.
+
+FSDP2: the gradient comes from a backward through the sharded model (``g_u`` set aside meanwhile), and the
+surgery's dot products and norms are over whole tensors (:mod:`spard.distributed`); each rank rewrites its shard.
 """
 
 from __future__ import annotations
@@ -107,25 +110,11 @@ class SafeGradArgs(SafetyPoolArgs):
 # The defense
 # ---------------------------------------------------------------------------------------------------------
 def _check_supported(trainer: Trainer) -> None:
-    """SafeGrad reads and rewrites whole gradients in ``param.grad``: sharded or engine-owned gradients
-    (DeepSpeed, FSDP, Megatron, XLA) do not expose them there."""
-    from accelerate.utils import DistributedType
+    """SafeGrad reads and rewrites whole gradients in ``param.grad`` (sharded ones under FSDP2, reduced over their
+    shard group): engines that keep gradients elsewhere (DeepSpeed, FSDP1, Megatron, XLA) are refused."""
+    from spard.distributed import check_engine
 
-    dist_type = trainer.accelerator.distributed_type
-    if getattr(trainer, "is_deepspeed_enabled", False) or dist_type == DistributedType.DEEPSPEED:
-        plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-        stage = getattr(plugin, "zero_stage", None)
-        raise ConfigError(
-            f"defense.name='safegrad' does not support DeepSpeed (ZeRO stage {stage}): the gradients live in "
-            "DeepSpeed's partitioned buffers, not in param.grad; use DDP (accelerate launch / torchrun) instead"
-        )
-    if getattr(trainer, "is_fsdp_enabled", False) or dist_type == DistributedType.FSDP:
-        raise ConfigError(
-            "defense.name='safegrad' does not support FSDP: sharded parameters hold only a shard of each "
-            "gradient; use DDP (accelerate launch / torchrun) instead"
-        )
-    if dist_type in (DistributedType.MEGATRON_LM, DistributedType.XLA):
-        raise ConfigError(f"defense.name='safegrad' does not support distributed type {dist_type.value}; use DDP")
+    check_engine(trainer, "defense.name='safegrad'")
 
 
 @register
@@ -153,6 +142,8 @@ class SafeGrad(StreamOwner, Defense):
         self.packed = False
         """Whether the alignment batch is forwarded packed (decided at setup)."""
         self.guard = SignalGuard(self.name, "alignment gradient norm")
+        self.sharded = False
+        """Under FSDP2: forwards are collective (every rank runs each one or none does)."""
 
     # -- data -------------------------------------------------------------------------------------------
     def _pick(self, exclude: list[str], seed: int, max_length: int) -> None:
@@ -186,6 +177,15 @@ class SafeGrad(StreamOwner, Defense):
         if self.args.alignment_batch_size > len(features):
             raise ConfigError(f"defense.alignment_batch_size={self.args.alignment_batch_size} exceeds the "
                               f"{len(features)} usable alignment examples")
+        from spard.distributed import any_sharded, world
+
+        self.sharded = any_sharded([p for p in trainer.model.parameters() if p.requires_grad])
+        n_ranks = world()[1]
+        if self.sharded and self.args.alignment_batch_size < n_ranks:
+            # every FSDP rank must run the alignment forward (it all-gathers the shards), so each needs an example
+            raise ConfigError(f"defense.alignment_batch_size={self.args.alignment_batch_size} is below the "
+                              f"{n_ranks} FSDP ranks: under FSDP every rank needs at least one alignment example "
+                              "per step")
         self.start_stream(features, seed=self.seed, pad_id=tokenizer.pad_token_id)
         self.guard = SignalGuard(self.name, "alignment gradient norm")
         self.base_cache = {}
@@ -228,11 +228,13 @@ class SafeGrad(StreamOwner, Defense):
 
         assert self.stream is not None
         batch = next((b for b in batches if len(b) > 1), None)
-        if batch is None:  # one example per step: nothing to pad
+        if not self._all_ranks(batch is not None):  # one example per step (on some rank): nothing to pad
             return
+        assert batch is not None
         with self._setup_pass(trainer):
             same, tv = packing_matches_padding(trainer.model, [self.stream.features[i] for i in batch],
                                                self.stream.pad_id)
+        same = self._all_ranks(same)
         self.packed = same
         if same:
             log.info("safegrad: alignment batches are forwarded packed (largest difference from padding: total "
@@ -273,7 +275,7 @@ class SafeGrad(StreamOwner, Defense):
         in."""
         from spard.alignment_kl import base_tokens
 
-        if all(i in self.base_cache for i in batch):
+        if self._all_ranks(all(i in self.base_cache for i in batch)):
             return
         assert self.stream is not None
         with self._setup_pass(trainer):
@@ -282,13 +284,24 @@ class SafeGrad(StreamOwner, Defense):
         for i, base in zip(batch, bases):
             self.base_cache.setdefault(i, base.to("cpu"))
 
+    def _all_ranks(self, flag: bool) -> bool:
+        """Under FSDP2, whether ``flag`` holds on every rank (so a forward runs on all ranks or on none: a forward
+        all-gathers the shards); else ``flag`` itself."""
+        if not self.sharded:
+            return flag
+        import torch
+
+        from spard.distributed import all_reduce_sum_, world
+
+        return int(all_reduce_sum_(torch.tensor([float(not flag)]))[0]) == 0 if world()[1] > 1 else flag
+
     def alignment_gradient(self, trainer: Trainer, params: list[Tensor]) -> tuple[list[Tensor], float]:
         """``g_a`` over the whole alignment batch (summed across ranks) and the mean KL it is the gradient of."""
         import torch
 
         from spard.alignment_kl import alignment_kl_sum, cached_alignment_kl_sum
         from spard.checkpointing import checkpointing_mode, parameter_gradients
-        from spard.distributed import all_reduce_flat_, all_reduce_sum_, world
+        from spard.distributed import all_reduce_flat_, all_reduce_sum_, any_sharded, world
 
         model = trainer.model
         rank, n_ranks = world()
@@ -313,6 +326,8 @@ class SafeGrad(StreamOwner, Defense):
             n_total = int(count.item())
         # Normalise by the token count of the whole batch so the summed gradient is that of the global mean.
         loss = kl_sum / max(n_total, 1)
+        if any_sharded(params):
+            return self._sharded_gradient(loss, params, n_ranks)
         if loss.requires_grad:
             # after DDP's backward has finished, so a plain backward (reentrant checkpointing) is safe here
             g_align = parameter_gradients(loss, params, mode=checkpointing_mode(model))
@@ -322,6 +337,28 @@ class SafeGrad(StreamOwner, Defense):
             *g_align, kl_total = all_reduce_flat_([*g_align, loss.detach().reshape(1).clone()])
             return g_align, float(kl_total)
         return g_align, float(loss.detach())
+
+    @staticmethod
+    def _sharded_gradient(loss: Tensor, params: list[Tensor], n_ranks: int) -> tuple[list[Tensor], float]:
+        """FSDP2: ``autograd.grad`` cannot reach sharded parameters (FSDP's all-gather is outside autograd), so a
+        plain backward through the sharded model fills ``.grad`` (its reduce-scatter averages over ranks: the loss
+        is scaled by the rank count to make that the sum); ``g_u`` is set aside in the meantime."""
+        import torch
+
+        from spard.distributed import all_reduce_sum_
+
+        task = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            if loss.requires_grad:
+                (loss * n_ranks).backward()
+            g_align = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        finally:
+            for p, g in zip(params, task):
+                p.grad = g
+        kl_total = all_reduce_sum_(loss.detach().float().reshape(1).clone())
+        return g_align, float(kl_total)
 
     def before_optimizer_step(self, trainer: Trainer) -> None:
         import torch

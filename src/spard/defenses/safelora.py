@@ -250,6 +250,14 @@ class SafeLoRA(Defense):
                 "safelora_skipped": float(len(skipped)), "safelora_cutoff": float(tau),
                 "safelora_min_similarity": min(sims), "safelora_mean_similarity": sum(sims) / len(sims)}
 
+    def setup(self, trainer: Trainer) -> None:
+        from spard.distributed import any_sharded
+
+        if any_sharded([p for p in trainer.model.parameters() if p.requires_grad]):
+            # refused before training rather than after it: the per-module projection reads whole LoRA matrices
+            raise ConfigError("defense.name='safelora' does not support FSDP yet (its per-module projection reads "
+                              "whole LoRA and base matrices); train it with DDP (configs/accelerate/ddp.yaml)")
+
     def after_train(self, trainer: Trainer) -> None:
         import torch
 

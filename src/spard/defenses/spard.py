@@ -20,6 +20,11 @@ counts and the gradient are all-reduced explicitly, so every rank sees the same 
 takes the same decision and applies the same update. We back-propagate through the *unwrapped* model: the
 DDP reducer ignores autograd hooks it did not arm with a DDP forward, so this neither trips the reducer
 nor depends on bucket internals (``tests/test_spard_ddp.py`` checks DDP against a single process).
+
+FSDP2 runs: the model *is* the sharded module, so its backward hooks reduce-scatter the safety gradient
+(an average over ranks, undone by scaling the local loss by the rank count); norms and per-tensor scales are
+taken over whole tensors (:mod:`spard.distributed`), and each rank updates its own shard
+(``tests/test_fsdp.py`` checks FSDP2 against a single process).
 """
 
 from __future__ import annotations
@@ -165,11 +170,14 @@ class BaseModelEmbedder:
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 16,
                  max_length: int = 512) -> None:
+        from spard.distributed import any_sharded
         from spard.selection import LMEmbedder
 
         self.model = model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.inner = LMEmbedder(base, tokenizer, batch_size=batch_size, max_length=max_length)
+        # FSDP2: the forward must enter at the sharded root (the PEFT model; its adapter is off while embedding)
+        sharded = any_sharded([p for p in model.parameters() if p.requires_grad])
+        self.inner = LMEmbedder(model if sharded else base, tokenizer, batch_size=batch_size, max_length=max_length)
         self._key = (f"BaseModelEmbedder({type(base).__name__}:{base_weights_fingerprint(model)}, "
                      f"vocab={len(tokenizer)}, max_length={max_length}, pooling=mean-last-hidden)")
 
@@ -233,6 +241,9 @@ class Spard(StreamOwner, Defense):
         self.has_grad: list[bool] = []
         """Per trainable tensor: did the last safety backward reach it (on some rank)."""
         self.selection_stats: dict[str, Any] = {}
+        self.sharded = False
+        """FSDP2: the backward goes through the sharded model, whose hooks average the gradient over ranks."""
+        self._grad_scale = 1.0
         self._ctx: DefenseContext | None = None
 
     # -- data --------------------------------------------------------------------------------------------
@@ -260,12 +271,21 @@ class Spard(StreamOwner, Defense):
         if self._ctx is None or self.task_records is None:
             raise RuntimeError("Spard.setup needs prepare_data(records, ctx) first "
                                "(spard.jobs.finetune.train does both)")
-        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-            raise ConfigError("defense.name=spard supports single-process and DDP training, not DeepSpeed/FSDP")
+        from spard.distributed import any_sharded, check_engine
+
+        check_engine(trainer, "defense.name=spard")
         ctx = self._ctx
+        self.params = [p for p in trainer.model.parameters() if p.requires_grad]
+        self.sharded = any_sharded(self.params)
         # Rank 0 embeds first and fills the cache; the other ranks then read the very same embeddings, so
-        # every rank selects the same subset without relying on bitwise-identical forwards.
-        with trainer.args.main_process_first(desc="spard safety selection"):
+        # every rank selects the same subset without relying on bitwise-identical forwards. Under FSDP a forward
+        # is collective (it gathers the shards): all ranks embed together instead, from one cache state (the
+        # barrier), so they run the same forwards on the same gathered weights and select the same subset.
+        if self.sharded:
+            trainer.accelerator.wait_for_everyone()
+        first = contextlib.nullcontext() if self.sharded else trainer.args.main_process_first(
+            desc="spard safety selection")
+        with first:
             self.subset = self.select(trainer.model, ctx.tokenizer, ctx.run_dir, ctx.seed)
         if trainer.is_world_process_zero():
             atomic_write_jsonl(ctx.run_dir / SUBSET_FILE, subset_rows(self.subset, self.pool))
@@ -274,7 +294,6 @@ class Spard(StreamOwner, Defense):
         key = "defense.safety_max_length" if self.args.safety_max_length else "data.max_length"
         features = tokenize_safety(ctx.tokenizer, self.subset, max_length, key=key)
         self.start_stream(features, seed=ctx.seed, pad_id=ctx.tokenizer.pad_token_id)
-        self.params = [p for p in trainer.model.parameters() if p.requires_grad]
         self.guard = SignalGuard(self.name, "safety gradient norm")
         log.info("spard: %d safety examples (%s), tau=%g delta=%g projection=%s", len(features),
                  self.args.selection, self.args.tau, self.args.delta, self.args.projection)
@@ -311,7 +330,7 @@ class Spard(StreamOwner, Defense):
         # runs with other attacks or seeds hit the same file. Only the user's prompts are embedded per run.
         full_pool = prompts_of(load_pool(a), "pool")
         pool_emb = embed_from_superset(embedder, prompts_of(self.pool, "pool"), full_pool,
-                                       cache_dir() / SHARED_EMBED_CACHE_DIR)
+                                       cache_dir() / SHARED_EMBED_CACHE_DIR, lock=not self.sharded)
         task_emb = cached_embed(embedder, prompts_of(self.task_records, "task"), Path(run_dir) / EMBED_CACHE_DIR)
         subset = select_safety_subset(self.pool, self.task_records, k=k, beta=a.beta, embedder=embedder,
                                       method=a.selection, seed=seed, pool_emb=pool_emb, task_emb=task_emb)
@@ -365,7 +384,7 @@ class Spard(StreamOwner, Defense):
         # delta; the reference always back-propagates, which changes nothing since it then discards the grads.
         import torch
 
-        from spard.distributed import all_reduce_sum_
+        from spard.distributed import all_reduce_sum_, world
 
         a, model = self.args, trainer.model
         batches = [self.next_batch(trainer) for _ in range(a.micro_batches(trainer.args.gradient_accumulation_steps))]
@@ -373,12 +392,15 @@ class Spard(StreamOwner, Defense):
             p.grad = None
         count = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
         n_global = float(all_reduce_sum_(torch.as_tensor(count, dtype=torch.float64).reshape(1))[0])
+        # FSDP2 averages the gradient over ranks in its backward hooks: scaling the local loss by the rank count
+        # makes that average the sum of the ranks' shares (as HF does for its token-mean loss)
+        self._grad_scale = float(world()[1]) if self.sharded else 1.0
         sums = []
         for i, batch in enumerate(batches):
             with self._forward_context(trainer):
                 loss_sum, _ = self._loss_sum(model, batch)
             if i < len(batches) - 1 and n_global > 0:
-                (loss_sum / n_global).backward()
+                (loss_sum * self._grad_scale / n_global).backward()
             sums.append(loss_sum.detach().double())
         total = float(all_reduce_sum_(torch.stack(sums).sum().reshape(1))[0])
         loss = total / n_global if n_global > 0 else float("nan")
@@ -398,14 +420,15 @@ class Spard(StreamOwner, Defense):
 
         from spard.distributed import all_reduce_flat_, all_reduce_sum_
 
-        (loss_sum / n_global).backward()
+        (loss_sum * self._grad_scale / n_global).backward()
         # A tensor the safety loss reaches on no rank has no gradient; the reference leaves its .grad None, so
         # its AdamW skips it (no moment decay, no weight decay). Zero-filled here for the sums, never stepped.
         present = torch.tensor([float(p.grad is not None) for p in self.params], dtype=torch.float64,
                                device=self.params[0].device if self.params else None)
         self.has_grad = [bool(n > 0) for n in all_reduce_sum_(present).tolist()]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        all_reduce_flat_(grads)
+        if not self.sharded:  # FSDP2's reduce-scatter already summed (scaled average) the shards over ranks
+            all_reduce_flat_(grads)
         return grads
 
     def _apply_halfspace(self, grads: list[torch.Tensor], loss: float) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""The alignment stage: LoRA SFT of a base model on refusals mixed with benign data, merged into a new base.
+"""The alignment stage: SFT of a base model on refusals mixed with benign data (or DPO on refusal-vs-harmful
+pairs, ``align.method``; LoRA or every parameter, ``align.full_finetune``), merged into a new base.
 
 ``align.defense`` picks an alignment-stage defense (:mod:`spard.align_defenses`: Vaccine, Booster,
 RepNoise) that trains through the same hooks as the fine-tuning defenses; ``none`` is plain SFT.
@@ -26,6 +27,7 @@ from spard.defenses.base import DefenseContext
 from spard.evaluate.harm import load_harm_sets
 from spard.evaluate.tasks.over_refusal import DEFAULT_BENIGN_SETS
 from spard.io import atomic_write_json
+from spard.jobs.align_dpo import PAIR_DATA, harmful_pair_records, preference_pairs, train_dpo
 from spard.locking import dir_lock
 from spard.models import cache_dir, load_model, model_fingerprint, save_model
 from spard.registry import ALIGN_DEFENSES, build
@@ -72,6 +74,13 @@ def aligned_model_dir(model: ModelArgs, align: AlignArgs) -> Path:
     # the benign data leaves out the packaged over-refusal prompts (since this key was introduced, so a model
     # aligned on an earlier, overlapping sample is never reused)
     options["benign_excludes"] = list(DEFAULT_BENIGN_SETS)
+    # method, its data and full/LoRA enter the key only when they differ from what every earlier model was
+    # aligned with (SFT, LoRA), so those models' keys (and cache entries) stay valid
+    method, full, beta = options.pop("method"), options.pop("full_finetune"), options.pop("dpo_beta")
+    if method != "sft":
+        options.update(method=method, dpo_beta=beta, pairs=PAIR_DATA)
+    if full:
+        options.update(full_finetune=True, lora_r=None, lora_dropout=None)
     key = hashlib.sha256(json.dumps([model_fingerprint(model), options], sort_keys=True).encode()).hexdigest()
     return cache_dir() / "aligned" / key[:16]
 
@@ -119,42 +128,61 @@ def align(cfg: RunConfig, *, model=None, tokenizer=None) -> AlignResult:  # noqa
         check_alignment_data_disjoint(cfg, [])  # the harm sets; the attack is checked when fine-tuning
         if model is None or tokenizer is None:
             model, tokenizer = load_model(cfg.model)
-        records = alignment_records(a)
-        defense = build(a.defense)
-        log.info("align: %d refusals + %d benign examples, alignment defense %r", a.n_safety, a.n_benign,
-                 defense.name)
         run_dir = target / "run"
         if run_dir.exists():  # a crashed earlier attempt: start it over
             shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         train_args = TrainArgs(output_dir=str(run_dir), epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                                seed=a.seed, save_steps=10_000, lr_scheduler="cosine", warmup_ratio=0.05,
                                gradient_checkpointing=cfg.train.gradient_checkpointing)
-        lora = replace(LoraArgs(), r=a.lora_r, alpha=2 * a.lora_r, dropout=alignment_lora_dropout(a),
-                       target_modules=cfg.lora.target_modules)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ctx = DefenseContext(config=cfg, tokenizer=tokenizer, run_dir=run_dir, seed=a.seed)
-        records = defense.prepare_data(records, ctx)
-        peft_model, metrics = fit(model, tokenizer, records, lora=lora, args=train_args, max_length=a.max_length,
-                                  defense=defense, run_dir=run_dir)
-        merged = peft_model.merge_and_unload()
+        lora = None if a.full_finetune else replace(LoraArgs(), r=a.lora_r, alpha=2 * a.lora_r,
+                                                    dropout=alignment_lora_dropout(a),
+                                                    target_modules=cfg.lora.target_modules)
+        if a.method == "dpo":
+            pairs = preference_pairs(a)
+            log.info("align: DPO on %d preference pairs (%s)", len(pairs), "full" if lora is None else "LoRA")
+            trained, metrics = train_dpo(model, tokenizer, pairs, lora=lora, args=train_args, beta=a.dpo_beta,
+                                         max_length=a.max_length, run_dir=run_dir)
+        else:
+            trained, metrics = _train_sft(cfg, model, tokenizer, lora, train_args, run_dir)
+        merged = trained.merge_and_unload() if lora is not None else trained
         merged.config.name_or_path = f"{cfg.model.name_or_path} (aligned by spard)"
         # the model's atomic rename publishes the entry, so it comes last: a cached model always has its record
+        adapter = str(run_dir / FINAL_DIR) if lora is not None else None
         atomic_write_json(target / "align_result.json", {"base_model": cfg.model.name_or_path, "align": asdict(a),
-                                                         "metrics": metrics, "adapter": str(run_dir / FINAL_DIR)})
+                                                         "metrics": metrics, "adapter": adapter})
         save_model(merged, tokenizer, target / "model")
+        if lora is None:  # fit's full copy of the weights: the published model is the one to use
+            shutil.rmtree(run_dir / FINAL_DIR, ignore_errors=True)
     return AlignResult(target / "model", cached=False, metrics=metrics)
+
+
+def _train_sft(cfg: RunConfig, model, tokenizer, lora: LoraArgs | None, train_args: TrainArgs,  # noqa: ANN001
+               run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """``align.method: sft``: refusals + benign answers through :func:`spard.trainer.fit`, under the alignment
+    defense."""
+    a = cfg.align
+    defense = build(a.defense)
+    log.info("align: %d refusals + %d benign examples, alignment defense %r, %s", a.n_safety, a.n_benign,
+             defense.name, "full" if lora is None else "LoRA")
+    ctx = DefenseContext(config=cfg, tokenizer=tokenizer, run_dir=run_dir, seed=a.seed)
+    records = defense.prepare_data(alignment_records(a), ctx)
+    return fit(model, tokenizer, records, lora=lora, args=train_args, max_length=a.max_length, defense=defense,
+               run_dir=run_dir)
 
 
 def check_alignment_data_disjoint(cfg: RunConfig, attack_prompts: list[str]) -> None:
     """Refuse a run whose attack prompts or harm-set prompts include a prompt of the harmful pairs its
-    alignment defense (Booster, RepNoise) trained against; a no-op for defenses without harmful data."""
+    alignment defense (Booster, RepNoise) or DPO trained against; a no-op without harmful alignment data."""
     if not cfg.align.enabled:
         return
-    harmful = build(cfg.align.defense).harmful_records(cfg.align)
-    if not harmful:
-        return
-    check_disjoint(harmful, attack_prompts, "this run's attack data")
-    check_disjoint(harmful, [r.prompt for r in load_harm_sets(cfg.eval)], f"the harm sets {cfg.eval.harm_sets}")
+    for harmful, data in ((build(cfg.align.defense).harmful_records(cfg.align), None),
+                          (harmful_pair_records(cfg.align), "the DPO pairs' harmful answers (align.method=dpo)")):
+        if not harmful:
+            continue
+        check_disjoint(harmful, attack_prompts, "this run's attack data", data=data)
+        check_disjoint(harmful, [r.prompt for r in load_harm_sets(cfg.eval)], f"the harm sets {cfg.eval.harm_sets}",
+                       data=data)
 
 
 def base_for_finetuning(cfg: RunConfig) -> tuple[ModelArgs, str]:

@@ -57,6 +57,15 @@ class Embedder(Protocol):
     def __call__(self, texts: list[str]) -> torch.Tensor: ...
 
 
+def _is_fsdp(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is an FSDP2 (``fully_shard``) module."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def module_fingerprint(module: torch.nn.Module, samples: int = 64) -> str:
     """:func:`spard.fingerprint.weights_fingerprint` of every weight (kept under its old name)."""
     return weights_fingerprint(module, samples)
@@ -129,9 +138,10 @@ class LMEmbedder:
         return int(size) if size is not None else int(self.model.get_input_embeddings().embedding_dim)
 
     def _last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # The decoder alone skips the LM head (a [batch, seq, vocab] logits tensor we would throw away).
+        # The decoder alone skips the LM head (a [batch, seq, vocab] logits tensor we would throw away); not under
+        # FSDP2, whose forward must enter at the sharded root (it gathers the shards from there).
         decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
-        if isinstance(decoder, torch.nn.Module):
+        if isinstance(decoder, torch.nn.Module) and not _is_fsdp(self.model):
             out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             hidden = getattr(out, "last_hidden_state", None)
             if hidden is not None:
@@ -375,13 +385,15 @@ def _cached_embed_at(embedder: Embedder, texts: list[str], path: Path, digest: s
 
 def embed_from_superset(
     embedder: Embedder, texts: Sequence[str], superset: Sequence[str], cache_dir: str | os.PathLike[str],
-    key: str | None = None,
+    key: str | None = None, *, lock: bool = True,
 ) -> torch.Tensor:
     """Embeddings of ``texts`` (each one of ``superset``), cut from the cached embeddings of all of ``superset``.
 
     For a pool that each run filters differently (SPARD's safety pool minus the run's attack prompts): the
     cache entry is the whole unfiltered pool, so every run on the same embedder hits one file, whatever it
-    filtered out. Uses :func:`cached_embed` with ``lock=True`` (a cache shared between runs and processes).
+    filtered out. Uses :func:`cached_embed` with ``lock=True`` (a cache shared between runs and processes);
+    ``lock=False`` for FSDP ranks, which embed together (one rank holding the lock would wait for the others'
+    share of each forward while they wait for the lock).
     """
     texts, superset = _check_texts(texts), _check_texts(superset)
     where: dict[str, int] = {}
@@ -390,5 +402,5 @@ def embed_from_superset(
     missing = [t for t in texts if t not in where]
     if missing:
         raise ValueError(f"{len(missing)} text(s) to embed are not in the superset, e.g. {missing[0][:80]!r}")
-    full = cached_embed(embedder, superset, cache_dir, key, lock=True)
+    full = cached_embed(embedder, superset, cache_dir, key, lock=lock)
     return full[[where[t] for t in texts]] if texts else full[:0]
