@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from spard.errors import ConfigError
+
 __all__ = ["world", "all_reduce_sum_", "all_reduce_flat_", "is_sharded", "local_part", "any_sharded",
            "shard_group", "combine_partials", "per_tensor_dots", "per_tensor_sq_norms", "whole_dot",
            "full_tensors", "sharded_trainable_state", "check_engine"]
@@ -98,15 +100,16 @@ def shard_group(tensors: Sequence[Tensor]) -> Any:
         assert types is not None
         dims = [i for i, p in enumerate(t.placements) if isinstance(p, types[1])]
         if len(dims) != 1:
-            raise NotImplementedError(f"a tensor sharded over {len(dims)} mesh dimensions ({t.placements}); only "
-                                      "one sharded dimension (FSDP2 / HSDP) is supported")
+            raise ConfigError(f"a tensor sharded over {len(dims)} mesh dimensions ({t.placements}): spard's defenses "
+                              "support one sharded dimension (FSDP2 / HSDP)")
         # two meshes built alike (fully_shard builds one per call) are told apart by their ranks, not identity
         this = t.device_mesh.get_group(dims[0])
         key = tuple(torch.distributed.get_process_group_ranks(this))
         if where is None:
             where, group = key, this
         elif key != where:
-            raise NotImplementedError(f"tensors sharded over different groups of ranks ({where} and {key})")
+            raise ConfigError(f"tensors sharded over different groups of ranks ({where} and {key}): spard's defenses "
+                              "need every parameter sharded over the same ranks")
     return group
 
 
@@ -186,7 +189,6 @@ def check_engine(trainer: Any, who: str) -> None:
     """
     from accelerate.utils import DistributedType
 
-    from spard.errors import ConfigError
 
     accelerator = getattr(trainer, "accelerator", None)
     state = getattr(accelerator, "state", None)
