@@ -3,6 +3,8 @@ each path GPU users take, must give the plain fp32 path's adapter and defense st
 a clear error). A defense whose extra gradient a path silently zeroes trains as plain SFT; this is where that
 shows.
 
+SafeLoRA's signal is its projection after training (``final/`` holds the projected adapter), compared like the others.
+
 Paths: ``bf16`` (CPU bf16 autocast through the Trainer), ``gc`` (non-reentrant gradient checkpointing),
 ``gc_reentrant`` (torch's reentrant checkpointing, what peft's k-bit preparation picks on its own) and ``kbit``
 (the 8/4-bit path simulated on CPU: a tiny fp32 model flagged ``is_loaded_in_8bit``, so spard runs peft's
@@ -49,6 +51,7 @@ DEFENSES = {
     "sft": ("defense.name=sft",),
     "safeinstr": ("defense.name=safeinstr",),
     "ptst": ("defense.name=ptst",),
+    "safelora": ("defense.name=safelora", "defense.num_proj_layers=3"),
     "safegrad": ("defense.name=safegrad", "defense.alignment_examples=8"),
     "spard-halfspace": ("defense.name=spard", "defense.projection=halfspace"),
     "spard-reference": ("defense.name=spard", "defense.projection=reference"),
@@ -90,7 +93,10 @@ def _run(kind, name, path, tmp_path, tok):
     """(adapter tensors, metrics rows, initial adapter) of one run."""
     out = tmp_path / f"{name}-{path}"
     if kind == "finetune":
-        cfg = load_config(None, [*RUN, *DEFENSES[name], *PATH_OVERRIDES[path], f"train.output_dir={out}"])
+        extra = []
+        if name == "safelora":  # its unaligned model: another tiny checkpoint (seed 1), the same on every path
+            extra = [f"defense.unaligned_model={save_tiny_chat_model(tmp_path / 'unaligned', tok, seed=1)}"]
+        cfg = load_config(None, [*RUN, *DEFENSES[name], *extra, *PATH_OVERRIDES[path], f"train.output_dir={out}"])
         res = train(cfg, model=_model(tok, path, tmp_path / "base"), tokenizer=tok)
         run_dir = res.run_dir
     else:
