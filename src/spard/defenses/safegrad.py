@@ -142,6 +142,8 @@ class SafeGrad(StreamOwner, Defense):
         self.packed = False
         """Whether the alignment batch is forwarded packed (decided at setup)."""
         self.guard = SignalGuard(self.name, "alignment gradient norm")
+        self.checkpointing = "off"
+        """The model's gradient checkpointing mode (``spard.checkpointing``), read at setup."""
         self.sharded = False
         """Under FSDP2: forwards are collective (every rank runs each one or none does)."""
 
@@ -180,6 +182,9 @@ class SafeGrad(StreamOwner, Defense):
         from spard.distributed import any_sharded, world
 
         self.sharded = any_sharded([p for p in trainer.model.parameters() if p.requires_grad])
+        from spard.checkpointing import checkpointing_mode
+
+        self.checkpointing = checkpointing_mode(trainer.model)  # read once: it walks every module
         n_ranks = world()[1]
         if self.sharded and self.args.alignment_batch_size < n_ranks:
             # every FSDP rank must run the alignment forward (it all-gathers the shards), so each needs an example
@@ -300,7 +305,7 @@ class SafeGrad(StreamOwner, Defense):
         import torch
 
         from spard.alignment_kl import alignment_kl_sum, cached_alignment_kl_sum
-        from spard.checkpointing import checkpointing_mode, parameter_gradients
+        from spard.checkpointing import parameter_gradients
         from spard.distributed import all_reduce_flat_, all_reduce_sum_, any_sharded, world
 
         model = trainer.model
@@ -330,7 +335,7 @@ class SafeGrad(StreamOwner, Defense):
             return self._sharded_gradient(loss, params, n_ranks)
         if loss.requires_grad:
             # after DDP's backward has finished, so a plain backward (reentrant checkpointing) is safe here
-            g_align = parameter_gradients(loss, params, mode=checkpointing_mode(model))
+            g_align = parameter_gradients(loss, params, mode=self.checkpointing)
         else:
             g_align = [torch.zeros_like(p) for p in params]
         if n_ranks > 1:
