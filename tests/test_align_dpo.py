@@ -127,7 +127,6 @@ def test_method_data_and_full_finetune_are_in_the_key_and_old_keys_stay_valid():
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (["align.method=dpo"], "align.n_benign"),
     ([*DPO, "align.defense.name=vaccine"], "align.defense"),
     ([*DPO, "align.dpo_beta=0"], "align.dpo_beta"),
     (["align.method=orpo"], "align.method"),
@@ -135,6 +134,32 @@ def test_method_data_and_full_finetune_are_in_the_key_and_old_keys_stay_valid():
 def test_bad_alignment_method_options_are_refused_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
         load_config(None, overrides)
+
+
+def test_benign_pairs_prefer_the_answer_over_a_refusal_of_another_prompt():
+    from spard.jobs.align_data import benign_alignment_records
+
+    plain = load_config(None, [*DPO, "align.n_safety=12"]).align
+    mixed = load_config(None, ["align.method=dpo", "align.n_safety=12", "align.n_benign=8"]).align
+    harmful_only, both = preference_pairs(plain), preference_pairs(mixed)
+    assert len(both) == 20
+    refusals = {p.chosen for p in pair_pool()}
+    benign = [p for p in both if p.chosen not in refusals]
+    assert {p.prompt for p in both} - {p.prompt for p in benign} == {p.prompt for p in harmful_only}
+    # the benign half is SFT's benign data, its answer chosen over a real refusal written for another prompt
+    sft_benign = benign_alignment_records(mixed)
+    assert [(p.prompt, p.chosen) for p in sorted(benign, key=lambda p: p.prompt)] == sorted(
+        (r.prompt, r.response) for r in sft_benign)
+    pool_prompts = {p.prompt for p in pair_pool()}
+    by_refusal = {p.chosen: p.prompt for p in pair_pool()}
+    assert all(p.rejected in refusals and by_refusal[p.rejected] not in {q.prompt for q in both} for p in benign)
+    assert not {p.prompt for p in benign} & pool_prompts
+    held_out = {normalise_prompt(r.prompt) for name in DEFAULT_BENIGN_SETS for r in load_source(name, split="test")}
+    assert not {normalise_prompt(p.prompt) for p in benign} & held_out
+    assert preference_pairs(mixed) == both  # deterministic
+    assert aligned_model_dir(load_config(None, []).model, mixed) != aligned_model_dir(
+        load_config(None, []).model, load_config(None, ["align.method=dpo", "align.n_safety=12",
+                                                         "align.n_benign=0"]).align)
 
 
 def test_a_run_attacking_with_a_dpo_pair_prompt_is_refused():

@@ -212,3 +212,18 @@ def test_shipped_benches_evaluate_nll_and_over_refusal():
     for name in ("embedded", "paper"):
         cfg = load_bench(f"configs/bench/{name}.yaml").cells[0].config
         assert {"task_nll", "over_refusal"} <= set(cfg.eval.task_names), name
+
+
+def test_pareto_front_matches_a_brute_force_dominance_check():
+    import random
+
+    from spard.benchmark.stats import pareto_front
+
+    assert pareto_front([(1, 5), (2, 2), (5, 1), (3, 3), (2, 2), (6, 6)]) == [0, 1, 4, 2]
+    rng = random.Random(0)
+    for _ in range(50):
+        pts = [(rng.randint(0, 6), rng.randint(0, 6)) for _ in range(rng.randint(1, 12))]
+        front = set(pareto_front(pts))
+        for i, (x, y) in enumerate(pts):
+            beaten = any((u, v) != (x, y) and u <= x and v <= y for u, v in pts)
+            assert (i in front) == (not beaten), (pts, i)

@@ -122,3 +122,25 @@ def test_auto_is_fp32_in_a_multi_process_cpu_run_without_measuring(monkeypatch, 
     assert not precision.use_bf16("auto", model=tiny_model(tiny_tok))
     assert precision.use_bf16("true", model=tiny_model(tiny_tok))
     assert calls == {"matmul": 0, "step": 0}
+
+
+@pytest.mark.parametrize(("bf16_cost", "want_bf16_steps", "want"), [
+    (2.0, 2, 0.5),    # bf16 slower at the first timed step: no more bf16 steps after it (warm-up + 1)
+    (0.5, 4, 2.0),    # bf16 faster: every rep measured (warm-up + 3), median ratio
+])
+def test_step_speedup_stops_timing_bf16_once_it_is_no_faster(monkeypatch, tiny_tok, bf16_cost, want_bf16_steps,
+                                                             want):
+    clock = {"t": 0.0, "bf16_steps": 0}
+    model = tiny_model(tiny_tok)
+    forward = model.forward
+
+    def timed_forward(*args, **kwargs):  # a fake clock: a bf16 step costs bf16_cost, an fp32 step 1
+        bf16 = torch.is_autocast_enabled("cpu")
+        clock["t"] += bf16_cost if bf16 else 1.0
+        clock["bf16_steps"] += bf16
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", timed_forward)
+    monkeypatch.setattr(precision.time, "perf_counter", lambda: clock["t"])
+    assert precision.step_speedup(model, tokens=8, rows=1, reps=3) == pytest.approx(want)
+    assert clock["bf16_steps"] == want_bf16_steps

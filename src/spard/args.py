@@ -279,7 +279,8 @@ class AlignArgs:
     ``{name: vaccine, rho: 2}``. Part of the aligned model's cache key."""
     method: str = "sft"
     """How the model is aligned: ``sft`` (refusals + benign answers) or ``dpo`` (TRL's DPOTrainer on ``n_safety``
-    packaged (harmful prompt, refusal, harmful answer) pairs; see :mod:`spard.jobs.align_dpo`). Part of the key."""
+    packaged (harmful prompt, refusal, harmful answer) pairs and ``n_benign`` (benign prompt, its answer, a
+    needless refusal) pairs; see :mod:`spard.jobs.align_dpo`). Part of the key."""
     full_finetune: bool = False
     """Train every parameter instead of a LoRA adapter (``lora_r`` is then unused). Part of the key."""
     dpo_beta: float = 0.1
@@ -289,10 +290,6 @@ class AlignArgs:
         self.defense = _as_plugin(self.defense, AlignDefenseArgs)  # type: ignore[assignment]
         check_choice("method", self.method, ALIGN_METHODS)
         check(self.dpo_beta > 0, "dpo_beta", self.dpo_beta, "must be > 0")
-        if self.method == "dpo" and self.n_benign:
-            raise FieldError("n_benign", self.n_benign, "must be 0 with method=dpo: DPO trains on preference pairs "
-                             "and no packaged source holds a needless refusal of a benign prompt to pair with its "
-                             "helpful answer")
         if self.method == "dpo" and self.defense.name != "none":
             raise FieldError("defense", self.defense.name, "alignment-stage defenses train through the SFT loop; "
                              "use them with method=sft")

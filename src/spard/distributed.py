@@ -21,9 +21,10 @@ from torch import Tensor
 
 from spard.errors import ConfigError
 
-__all__ = ["world", "all_reduce_sum_", "all_reduce_flat_", "is_sharded", "local_part", "any_sharded",
-           "shard_group", "combine_partials", "per_tensor_dots", "per_tensor_sq_norms", "whole_dot",
-           "full_tensors", "sharded_trainable_state", "check_engine"]
+__all__ = ["world", "collective_device", "all_reduce_sum_", "all_reduce_flat_", "is_sharded", "local_part",
+           "any_sharded", "shard_group", "combine_partials", "whole_sums", "per_tensor_dots", "per_tensor_sq_norms",
+           "whole_dot", "full_tensor", "full_tensors", "shard_like", "copy_whole_", "sharded_trainable_state",
+           "check_engine"]
 
 
 def world() -> tuple[int, int]:
@@ -34,10 +35,29 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def collective_device(backend: str, device: torch.device) -> torch.device:
+    """Where a tensor on ``device`` must be for a collective of ``backend``: NCCL reduces CUDA tensors only, so a
+    CPU tensor (a count, a flag) goes to this process's GPU; gloo and the others take it where it is."""
+    if backend == "nccl" and device.type == "cpu":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _all_reduce_sum_any_device_(tensor: Tensor) -> Tensor:
+    """``all_reduce`` (sum) of ``tensor`` in place, through the backend's device when it cannot take it."""
+    target = collective_device(str(torch.distributed.get_backend()), tensor.device)
+    work = tensor if target == tensor.device else tensor.to(target)
+    torch.distributed.all_reduce(work, op=torch.distributed.ReduceOp.SUM)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
+
+
 def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` over ranks in place (identical result on every rank); returns it."""
+    """Sum ``tensor`` over ranks in place (identical result on every rank); returns it. A CPU tensor works under
+    NCCL too (:func:`collective_device`)."""
     if world()[1] > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        _all_reduce_sum_any_device_(tensor)
     return tensor
 
 
@@ -49,7 +69,7 @@ def all_reduce_flat_(tensors: list[Tensor]) -> list[Tensor]:
     if world()[1] <= 1 or not tensors:
         return tensors
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    _all_reduce_sum_any_device_(flat)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -132,6 +152,23 @@ def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def whole_sums(partials: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """Per-tensor sums over whole tensors from this rank's partial sums, keeping the partials' autograd graph.
+
+    ``partials[i]`` is a sum over this rank's part of ``tensors[i]`` (:func:`local_part`). The value returned is
+    the whole sum (sharded entries summed over the shard group with one collective, replicated ones kept); the
+    gradient flows into this rank's partials only, so a term built from it (Lisa's proximal term) gives each rank
+    the gradient of its own shard, the one a single process gives those entries.
+    """
+    sharded = [is_sharded(t) for t in tensors]
+    if not any(sharded):
+        return partials
+    group = shard_group(tensors)
+    whole = combine_partials(partials.detach().clone(), sharded,
+                             lambda t: torch.distributed.all_reduce(t, group=group))
+    return partials + (whole - partials.detach()) if partials.requires_grad else whole
+
+
 def per_tensor_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """``[a_i · b_i]`` over whole tensors (sharded ones summed over their shard group), one collective.
 
@@ -147,11 +184,7 @@ def per_tensor_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     partials = torch.stack([
         torch.sum(local_part(x).detach().to(dtype) * local_part(y).detach().to(dtype)).to(first.device)
         for x, y in zip(a, b)])
-    sharded = [is_sharded(x) for x in a]
-    if any(sharded):
-        group = shard_group(a)
-        partials = combine_partials(partials, sharded, lambda t: torch.distributed.all_reduce(t, group=group))
-    return partials
+    return whole_sums(partials, a)
 
 
 def per_tensor_sq_norms(a: Sequence[Tensor]) -> Tensor:
@@ -166,11 +199,36 @@ def whole_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return per_tensor_dots(a, b).sum()
 
 
-def full_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Each tensor whole (a sharded one gathered from its ranks: collective, call on every rank), detached."""
+def full_tensor(t: Tensor) -> Tensor:
+    """``t`` whole, detached: a ``DTensor`` gathered from its ranks (collective: call on every rank)."""
     types = _dtensor_types()
-    return {k: (v.full_tensor() if types is not None and isinstance(v, types[0]) else v).detach()
-            for k, v in tensors.items()}
+    return (t.full_tensor() if types is not None and isinstance(t, types[0]) else t).detach()
+
+
+def full_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor whole (see :func:`full_tensor`), in the dict's order (the same on every rank)."""
+    return {k: full_tensor(v) for k, v in tensors.items()}
+
+
+def shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """``whole`` laid out as ``like``: a ``DTensor`` with ``like``'s mesh and placements when ``like`` is one (each
+    rank keeps its part of its own copy of ``whole``; no communication), else ``whole`` itself. Every rank must
+    hold the same ``whole`` (read from one file, or computed alike)."""
+    types = _dtensor_types()
+    if types is None or not isinstance(like, types[0]):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(device=local_part(like).device), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+
+def copy_whole_(dst: Tensor, whole: Tensor) -> Tensor:
+    """Write the whole-tensor value ``whole`` into ``dst`` in place (a sharded ``dst``: this rank's part of it;
+    no communication, so every rank must hold the same ``whole``); returns ``dst``."""
+    with torch.no_grad():
+        local_part(dst).copy_(local_part(shard_like(whole, dst)).to(dst.dtype))
+    return dst
 
 
 def sharded_trainable_state(model: torch.nn.Module) -> dict[str, Tensor] | None:

@@ -179,6 +179,22 @@ class HarmfulDataDefense(StreamOwner, AlignDefense):
         self.restore_stream_cursor(state.get("cursor", 0))
 
 
+def mean_over_ranks(values: list[float], device: torch.device | str) -> list[float]:
+    """Each of ``values`` averaged over the ranks of a DDP / FSDP launch (one collective, on ``device``: the
+    training device, which NCCL needs; ``values`` themselves in one process). For the trainer's loss on each rank
+    (its share of the batch's token mean times the rank count, or its own mean) this is the loss of the whole
+    batch, the value one process logs."""
+    import torch
+
+    from spard.distributed import all_reduce_sum_, world
+
+    n_ranks = world()[1]
+    if n_ranks <= 1:
+        return list(values)
+    total = all_reduce_sum_(torch.tensor(values, dtype=torch.float64, device=device))
+    return [float(v) / n_ranks for v in total.tolist()]
+
+
 def layer_modules(model: torch.nn.Module, attr: str) -> list[torch.nn.Module]:
     """The ``attr`` sub-module (``self_attn``, ``mlp``) of every decoder layer, in layer order: the modules
     named ``...layers.<i>.<attr>`` (Llama, Mistral, Qwen2, Gemma and SmolLM2 all name them so)."""

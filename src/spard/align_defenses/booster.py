@@ -13,6 +13,10 @@ step (harmful twice on the same batch, alignment once).
 spard computes ``λ (∇h(θ) − ∇h(θ'))`` in the ``loss`` hook and adds it to the gradient of the alignment loss
 through a linear term of zero value, so the trainer's backward, gradient clipping and optimizer see the
 combined gradient exactly as the reference's (which writes it into ``.grad`` before HF clips it).
+
+Under DDP and FSDP2 every rank draws the same harmful batch (the term is computed alike on all ranks, and the
+data-parallel average of the combined gradient adds it once). Under FSDP2 the harmful gradients come from plain
+backwards through the sharded model and ``‖∇h‖`` is over whole tensors (:func:`_sharded_shifted_gradients`).
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ class BoosterArgs(HarmfulDataArgs):
 
 
 def normalised_step(grads: Sequence[Tensor], alpha: float) -> list[Tensor]:
-    """``alpha * g / (‖g‖ + 1e-7)`` with one norm over all tensors (the simulated harmful step)."""
-    scale = alpha / (joint_norm(grads) + NORM_EPS)
+    """``alpha * g / (‖g‖ + 1e-7)`` with one norm over all tensors (the simulated harmful step); sharded
+    gradients (FSDP2) are scaled shard by shard with the norm of the whole tensors."""
+    scale = float(alpha / (joint_norm(grads) + NORM_EPS))
     return [(g.detach().float() * scale).to(g.dtype) for g in grads]
 
 
@@ -79,25 +84,99 @@ def shifted_harmful_gradients(model: torch.nn.Module, batch: dict[str, Tensor], 
     are never modified in place (the reference subtracts the step from ``.data`` and adds it back, which is not
     exact in floating point, and here the alignment batch's graph, already built by the trainer, still needs
     the unshifted weights). The copies stay swapped in until their gradient is taken, since gradient
-    checkpointing recomputes the layers during that backward and must see the same weights."""
+    checkpointing recomputes the layers during that backward and must see the same weights. Sharded (FSDP2)
+    parameters take :func:`_sharded_shifted_gradients` instead."""
     from torch.nn.utils.stateless import _reparametrize_module
 
+    if fsdp_modules(model):
+        return _sharded_shifted_gradients(model, trainable_parameters(model), batch, alpha)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     loss = model(**batch).loss
     g_harm = _grads(loss, params)
     step = normalised_step(g_harm, alpha)
     shifted = {n: (p.detach() - s).requires_grad_(True) for (n, p), s in zip(named, step)}
-    with _reparametrize_module(model, shifted):
+    with _reparametrize_module(model, shifted, tie_weights=True):  # a tied head moves with its embedding
         loss_shifted = model(**batch).loss
         g_shifted = _grads(loss_shifted, list(shifted.values()))
     return g_harm, g_shifted, float(loss.detach()), float(loss_shifted.detach())
 
 
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 (``fully_shard``) modules in ``model``; none outside FSDP2."""
+    import torch
+
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[Tensor]:
+    """``model``'s trainable parameters as the optimizer holds them. Under FSDP2 a module left gathered after its
+    forward (accelerate keeps the embeddings, final norm and head gathered) exposes its unsharded tensors in
+    place of its parameters until resharded, so every FSDP module is resharded first (the trainer's backward
+    gathers them again)."""
+    for module in fsdp_modules(model):
+        module.reshard()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _sharded_shifted_gradients(model: torch.nn.Module, params: list[Tensor], batch: dict[str, Tensor],
+                               alpha: float) -> tuple[list[Tensor], list[Tensor], float, float]:
+    """:func:`shifted_harmful_gradients` under FSDP2, where ``autograd.grad`` cannot reach the sharded parameters
+    (FSDP's all-gather is outside autograd) and a forward gathers FSDP's own shards, not module attributes.
+
+    Each gradient comes from a plain backward, the trainer's gradients set aside meanwhile; every rank draws the
+    same harmful batch, so FSDP's average over ranks is that batch's gradient. The shifted pass subtracts the step
+    from this rank's shards in place and restores them bit for bit from a copy afterwards; every FSDP module is
+    resharded around it, so that forward gathers the shifted weights and the trainer's backward (which gathers
+    again) the restored ones."""
+    import torch
+
+    from spard.distributed import local_part
+
+    def reshard() -> None:
+        for module in fsdp_modules(model):
+            module.reshard()
+
+    def harmful_pass() -> tuple[list[Tensor], float]:
+        for p in params:
+            p.grad = None
+        loss = model(**batch).loss
+        loss.backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad for p in params], float(loss.detach())
+
+    kept = [p.grad for p in params]
+    try:
+        g_harm, h0 = harmful_pass()
+        step = normalised_step(g_harm, alpha)
+        originals = [local_part(p).detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, s in zip(params, step):
+                    local_part(p).sub_(local_part(s))
+            reshard()
+            g_shifted, h1 = harmful_pass()
+        finally:
+            with torch.no_grad():
+                for p, original in zip(params, originals):
+                    local_part(p).copy_(original)
+            reshard()
+    finally:
+        for p, g in zip(params, kept):
+            p.grad = g
+    return g_harm, g_shifted, h0, h1
+
+
 def with_extra_gradient(loss: Tensor, params: Sequence[Tensor], extra: Sequence[Tensor]) -> Tensor:
     """``loss`` with the same value whose gradient with respect to ``params`` is larger by ``extra``:
-    adds ``Σ <p, e> − (Σ <p, e>).detach()``, a term of value zero and gradient ``e``."""
-    linear = sum((p * e.detach().to(p.dtype)).sum() for p, e in zip(params, extra))
+    adds ``Σ <p, e> − (Σ <p, e>).detach()``, a term of value zero and gradient ``e``. For sharded (FSDP2)
+    parameters the term is over this rank's shards, so each rank's shard of ``.grad`` gets its shard of ``e``."""
+    from spard.distributed import local_part
+
+    linear = sum((local_part(p) * local_part(e).detach().to(p.dtype)).sum() for p, e in zip(params, extra))
     return loss + (linear - linear.detach())  # type: ignore[operator]
 
 
@@ -128,8 +207,10 @@ class Booster(HarmfulDataDefense):
              loss: Tensor, outputs: Any) -> Tensor:
         if not model.training:
             return loss
-        net = trainer.model  # unwrapped: these passes must not trigger a DDP reducer
-        params = [p for p in net.parameters() if p.requires_grad]
+        # DDP: the unwrapped module, so these passes do not trigger the reducer; FSDP2: the sharded module itself
+        # (every rank runs the same passes on the same harmful batch, as its forwards gather shards)
+        net = trainer.model
+        params = trainable_parameters(net)
         batch = self.harmful_batch(trainer)
         with trainer.accelerator.autocast():
             g_harm, g_shifted, h0, h1 = shifted_harmful_gradients(net, batch, self.args.alpha)

@@ -16,6 +16,10 @@ Loss per step (reference: domenicrosati/representation-noising ``representation_
 - ``CE(harmless)`` is the trainer's loss on the alignment batch (refusals + benign data).
 
 Two forwards per step (alignment batch, harmful batch with hidden states) and one backward.
+
+Under DDP and FSDP2 every rank draws the same harmful batch, so the added terms are alike on all ranks and the
+data-parallel average adds them once, as one process does. Under FSDP2 the readouts reuse the final norm and
+head that the forward left gathered (accelerate shards them with ``reshard_after_forward=False``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from spard.align_defenses.base import HarmfulDataArgs, HarmfulDataDefense, layer_modules, register
+from spard.align_defenses.base import HarmfulDataArgs, HarmfulDataDefense, layer_modules, mean_over_ranks, register
 from spard.args import check_range
 from spard.data.chat import IGNORE_INDEX
 from spard.signal_guard import SignalGuard
@@ -193,6 +197,9 @@ class RepNoise(HarmfulDataDefense):
             self.noise_guard.observe(abs(float(noise_term.detach())) if noise_term.requires_grad else 0.0, step)
         if self.args.alpha > 0:
             self.harmful_guard.observe(abs(float(harmful.detach())) if harmful.requires_grad else 0.0, step)
-        self.last = {"repnoise_harmless_loss": float(loss.detach()), "repnoise_mmd": float(noise_term.detach()),
+        # the harmful terms are alike on every rank (one harmful batch for all); the alignment loss is each rank's
+        # share of its batch, averaged so the log shows the whole batch's loss
+        harmless = mean_over_ranks([float(loss.detach())], trainer.args.device)[0]
+        self.last = {"repnoise_harmless_loss": harmless, "repnoise_mmd": float(noise_term.detach()),
                      "repnoise_harmful_loss": float(harmful.detach()) - 1.0}
         return total

@@ -11,6 +11,11 @@ Per step, on the same alignment batch (reference: git-disl/Vaccine ``trainer.py`
 
 About twice the cost of a plain alignment step (two forwards, one full backward, one backward to the
 activations).
+
+Under DDP and FSDP2 each rank holds its share of the batch: the joint norm of step 2 is summed over ranks
+(:func:`batch_norm`), so each rank perturbs its examples exactly as one process would perturb them in the whole
+batch. The first pass reaches no parameter, so DDP's reducer and FSDP's reduce-scatter only see the second
+pass's backward (``tests/test_fsdp_align.py`` checks both against one process).
 """
 
 from __future__ import annotations
@@ -20,9 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from spard.align_defenses.base import AlignDefense, layer_modules, register
+from spard.align_defenses.base import AlignDefense, layer_modules, mean_over_ranks, register
 from spard.args import AlignDefenseArgs, check_range
-from spard.errors import ConfigError
 from spard.signal_guard import SignalGuard
 
 if TYPE_CHECKING:
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
 
 # torch is imported where it runs, so resolving a config that names this defense does not load it.
 
-__all__ = ["Vaccine", "VaccineArgs", "vaccine_perturbation", "joint_norm"]
+__all__ = ["Vaccine", "VaccineArgs", "vaccine_perturbation", "joint_norm", "batch_norm"]
 
 NORM_EPS = 1e-7
 """Added to the joint gradient norm before dividing (reference ``trainer.py``: ``grad_norm + 1e-7``)."""
@@ -51,17 +55,31 @@ class VaccineArgs(AlignDefenseArgs):
 
 
 def joint_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """One L2 norm over all ``tensors`` as if they were one flat vector (computed in fp32)."""
+    """One L2 norm over all ``tensors`` as if they were one flat vector (computed in fp32; fp64 inputs in fp64).
+    Sharded tensors (FSDP2 parameters and gradients) count whole: their shards' partial sums are summed over the
+    shard group (:func:`spard.distributed.per_tensor_sq_norms`), so every rank gets the same norm."""
     import torch
 
-    return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors))  # type: ignore[arg-type]
+    from spard.distributed import per_tensor_sq_norms
+
+    return torch.sqrt(per_tensor_sq_norms(tensors).sum())
 
 
-def vaccine_perturbation(grads: Sequence[Tensor], rho: float) -> list[Tensor]:
-    """``rho * g_l / (||g|| + 1e-7)`` for every layer ``l``, ``||g||`` the joint norm over all layers: the
-    ascent direction of the loss in activation space, of total norm ``rho`` (just under, by the 1e-7)."""
-    scale = rho / (joint_norm(grads) + NORM_EPS)
+def vaccine_perturbation(grads: Sequence[Tensor], rho: float, norm: Tensor | None = None) -> list[Tensor]:
+    """``rho * g_l / (||g|| + 1e-7)`` for every layer ``l``, ``||g||`` the joint norm over all layers (``norm``,
+    default :func:`joint_norm` of ``grads``): the ascent direction of the loss in activation space, of total norm
+    ``rho`` (just under, by the 1e-7)."""
+    scale = float(rho / ((joint_norm(grads) if norm is None else norm) + NORM_EPS))
     return [(g.detach().float() * scale).to(g.dtype) for g in grads]
+
+
+def batch_norm(grads: Sequence[Tensor], n_ranks: int) -> Tensor:
+    """:func:`joint_norm` of activation gradients over the whole batch when it is split over ``n_ranks`` ranks
+    (DDP, FSDP2: each rank holds its examples' activations), summed over ranks with one collective."""
+    from spard.distributed import all_reduce_sum_
+
+    norm = joint_norm(grads)
+    return norm if n_ranks <= 1 else all_reduce_sum_((norm**2).reshape(1).clone())[0].sqrt()
 
 
 class _ActivationHooks:
@@ -113,10 +131,6 @@ class Vaccine(AlignDefense):
         self.last: dict[str, float] = {}
 
     def setup(self, trainer: Trainer) -> None:
-        if trainer.args.world_size > 1:
-            # The first pass takes gradients to activations only; under DDP that forward would leave the
-            # reducer waiting for a backward that never comes.
-            raise ConfigError("align.defense.name='vaccine' runs in one process only (not under DDP)")
         from spard.checkpointing import refuse_reentrant
 
         refuse_reentrant(trainer.model, "align.defense.name='vaccine'", "the attention outputs it perturbs are "
@@ -139,6 +153,8 @@ class Vaccine(AlignDefense):
              loss: Tensor, outputs: Any) -> Tensor:
         import torch
 
+        from spard.distributed import world
+
         if self._inner or not model.training or self.hooks is None:
             return loss
         hooks = self.hooks
@@ -148,7 +164,9 @@ class Vaccine(AlignDefense):
         grads = torch.autograd.grad(loss, acts, allow_unused=True)  # type: ignore[arg-type]
         grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads)]  # type: ignore[arg-type]
         hooks.outputs = [None] * len(acts)
-        hooks.shift = vaccine_perturbation(grads, self.args.rho)
+        n_ranks = world()[1]
+        norm = batch_norm(grads, n_ranks)  # over the whole batch, however it is split over ranks
+        hooks.shift = vaccine_perturbation(grads, self.args.rho, norm)
         self._inner = True
         try:
             perturbed = trainer.compute_loss(model, inputs, num_items_in_batch=self._num_items)
@@ -159,11 +177,14 @@ class Vaccine(AlignDefense):
             self._inner = False
         # The perturbation stays on until the next micro-batch (or the optimizer step): gradient checkpointing
         # recomputes the perturbed layers during the trainer's backward of this loss, and they must see it again.
-        grad_norm = float(joint_norm(grads))
+        # each rank's loss is its share of the batch's mean loss times the rank count (the trainer's scaling under
+        # DDP / FSDP), so its gradient is n_ranks times that of the mean loss: the norm logged is of the mean loss
+        grad_norm = float(norm) / n_ranks
         if self.args.rho > 0:
             self.guard.observe(grad_norm, trainer.state.global_step + 1)
-        self.last = {"vaccine_loss_clean": float(loss.detach()), "vaccine_act_grad_norm": grad_norm,
-                     "vaccine_loss_perturbed": float(perturbed.detach())}
+        clean, perturbed_value = mean_over_ranks([float(loss.detach()), float(perturbed.detach())], trainer.args.device)
+        self.last = {"vaccine_loss_clean": clean, "vaccine_act_grad_norm": grad_norm,
+                     "vaccine_loss_perturbed": perturbed_value}
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"vaccine: non-finite activation gradient norm at step "
                                      f"{trainer.state.global_step + 1}")

@@ -130,6 +130,15 @@ def min_detectable_difference(n_prompts: int, n_seeds: int, discordance: float, 
     return delta
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates when both coordinates are to be minimised (another point
+    dominates one when it is no worse in both and better in one); equal points are all kept. Sorted by the
+    first coordinate, so they trace the front from left to right."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any(u <= x and v <= y and (u < x or v < y) for u, v in points)]
+    return sorted(front, key=lambda i: points[i])
+
+
 def discordant(a: Mapping[Hashable, bool], b: Mapping[Hashable, bool]) -> tuple[int, int, int]:
     """``(n_pairs, a_only, b_only)`` over the keys both hold: pairs, true under ``a`` only, under ``b`` only."""
     keys = a.keys() & b.keys()

@@ -21,6 +21,12 @@ Follows the reference code, git-disl/Lisa ``trainer.py::LisaTrainer`` (= git-dis
 
 The state is a pure function of the step (which phase, whether it is a switch), the stream cursor and the
 anchor weights; the anchor is saved into each checkpoint as ``lisa_anchor.safetensors``.
+
+FSDP2: each rank keeps the anchor of its own shard. The proximal term's value is the whole-tensor sum (each rank's
+partial sums all-reduced, :func:`spard.distributed.whole_sums`) while its gradient reaches each rank's shard
+directly, as a single process computes it for those entries. The process that writes checkpoints also holds the
+anchor whole on the CPU (gathered when the anchor is taken, a collective every rank joins then), so a checkpoint's
+anchor file is the whole anchor, the file a single process writes, and either engine reads it.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ if TYPE_CHECKING:
 # torch is imported where it runs, so resolving a config that names this defense does not load it.
 
 __all__ = ["Lisa", "LisaArgs", "phase_at", "is_switch", "alignment_steps_before", "proximal_active",
-           "proximal_term", "ANCHOR_FILE"]
+           "proximal_term", "squared_distance", "ANCHOR_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +129,31 @@ def proximal_active(step: int, total_steps: int, warmup_ratio: float) -> bool:
 
 
 def proximal_term(params: Sequence[Tensor], anchors: Sequence[Tensor], rho: float) -> Tensor:
-    """``rho/2 Σ_i ‖p_i − a_i‖²`` (differentiable in ``params``; gradient ``rho (p − a)``), accumulated in fp32."""
+    """``rho/2 Σ_i ‖p_i − a_i‖²`` (differentiable in ``params``; gradient ``rho (p − a)``), accumulated in fp32.
+
+    Sharded ``params`` (FSDP2 ``DTensor``s, anchors sharded alike): the value is over whole tensors, the same on
+    every rank; the gradient of each rank's shard is ``rho (p − a)`` on that shard."""
     import torch
+
+    from spard.distributed import local_part, whole_sums
 
     if len(params) != len(anchors):
         raise ValueError(f"{len(params)} parameters but {len(anchors)} anchors")
-    total = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
-    for p, a in zip(params, anchors):
-        total = total + (p.float() - a.float()).pow(2).sum()
-    return rho / 2 * total
+    if not params:
+        return torch.zeros((), dtype=torch.float32)
+    partials = torch.stack([(local_part(p).float() - local_part(a).float()).pow(2).sum()
+                            for p, a in zip(params, anchors)])
+    return rho / 2 * whole_sums(partials, params).sum()
+
+
+def squared_distance(params: Sequence[Tensor], anchors: Sequence[Tensor]) -> float:
+    """``Σ_i ‖p_i − a_i‖²`` over whole tensors (collective when sharded: call on every rank), no gradient."""
+    import torch
+
+    from spard.distributed import per_tensor_sq_norms
+
+    with torch.no_grad():
+        return float(per_tensor_sq_norms([p.detach() - a for p, a in zip(params, anchors)]).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,6 +186,12 @@ class Lisa(StreamOwner, Defense):
         self.names: list[str] = []
         self.params: list[Tensor] = []
         self.anchor: list[Tensor] = []
+        self.sharded = False
+        """FSDP2: parameters and anchors are DTensors; each rank holds its shard."""
+        self.writes_checkpoints = True
+        """This process writes the checkpoints (``trainer.args.should_save``)."""
+        self._whole_anchor: dict[str, Tensor] | None = None
+        """Under FSDP, on the process that writes checkpoints: the anchor gathered whole, on the CPU."""
         self.anchor_step = 0
         """The step at whose start the anchor was taken (0: the initial weights)."""
         self._prepared_step = -1
@@ -172,6 +200,7 @@ class Lisa(StreamOwner, Defense):
         self._counted = True
         self._phase = ALIGNMENT if args.align_steps else FINETUNE
         self.last_prox = 0.0
+        self.last_drift = 0.0
 
     # -- data -------------------------------------------------------------------------------------------
     def _pick(self, exclude: list[str], seed: int, max_length: int) -> None:
@@ -188,6 +217,11 @@ class Lisa(StreamOwner, Defense):
         return records
 
     def setup(self, trainer: Trainer) -> None:
+        from spard.distributed import any_sharded, check_engine
+
+        # DeepSpeed ZeRO-3 and FSDP1 hold parameters in flat partitions the anchor and the proximal term cannot
+        # address (they would silently see empty tensors); FSDP2's DTensors are handled
+        check_engine(trainer, "defense.name='lisa'")
         wrapped = getattr(getattr(trainer, "compute_loss", None), "_spard_wrapped", False)
         hooks_run = getattr(trainer, "defense", None) is self or wrapped
         if not hooks_run:
@@ -200,15 +234,12 @@ class Lisa(StreamOwner, Defense):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError("defense.name='lisa': the model has no trainable parameters")
-        from spard.distributed import any_sharded
-
-        if any_sharded([p for _, p in named]):
-            # not yet: the proximal term, its gradient and the saved anchor need whole-tensor handling of DTensors
-            raise ConfigError("defense.name='lisa' does not support FSDP yet (its proximal term and anchor weights "
-                              "are not shard-aware); train it with DDP (configs/accelerate/ddp.yaml)")
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.anchor = [p.detach().clone() for p in self.params]  # θ_0: the reference's initial snapshots
+        self.sharded = any_sharded(self.params)
+        self.writes_checkpoints = bool(getattr(trainer.args, "should_save", True))
+        self._take_anchor()  # θ_0: the reference's initial snapshots
+        self.last_drift = 0.0
         self.guard = SignalGuard(self.name, "proximal term")
         self.anchor_step = 0
         self._prepared_step = -1
@@ -223,6 +254,18 @@ class Lisa(StreamOwner, Defense):
                                    key="defense.alignment_max_length")
         self.start_stream(features, seed=self.seed, pad_id=tokenizer.pad_token_id)
 
+    def _take_anchor(self) -> None:
+        """θ_switch := the trainable weights now. Under FSDP each rank keeps its shard, and the process that writes
+        checkpoints also gets them whole on the CPU: every rank takes the anchor here, so the gather (one tensor at
+        a time) is a collective they all join, and saving a checkpoint later needs none."""
+        from spard.distributed import full_tensor
+
+        self.anchor = [p.detach().clone() for p in self.params]
+        self._whole_anchor = None
+        if self.sharded:
+            whole = {n: full_tensor(a).cpu() for n, a in zip(self.names, self.anchor)}
+            self._whole_anchor = whole if self.writes_checkpoints else None
+
     def _begin_step(self, trainer: Trainer, step: int, counted: bool) -> None:
         """At the first micro-batch of optimizer step ``step``: reset the anchor at a switch and, in the
         alignment state, draw the step's safety micro-batches and their label-token count."""
@@ -230,7 +273,7 @@ class Lisa(StreamOwner, Defense):
         self._prepared_step = step
         self._phase = phase_at(step, a.align_steps, a.finetune_steps)
         if is_switch(step, a.align_steps, a.finetune_steps):
-            self.anchor = [p.detach().clone() for p in self.params]
+            self._take_anchor()
             self.anchor_step = step
         self._queue, self._num_items = [], None
         if self._phase != ALIGNMENT:
@@ -290,13 +333,9 @@ class Lisa(StreamOwner, Defense):
         return loss + (prox / n_micro if scaled else prox).to(loss.dtype)
 
     # -- bookkeeping ------------------------------------------------------------------------------------
-    def _drift(self) -> float:
-        import torch
-
-        if not self.params:
-            return 0.0
-        with torch.no_grad():
-            return float(sum((p.float() - a.float()).pow(2).sum() for p, a in zip(self.params, self.anchor)))
+    def after_optimizer_step(self, trainer: Trainer) -> None:
+        # Measured here, where every rank runs (under FSDP it is a collective), not in log_stats (rank 0 only).
+        self.last_drift = squared_distance(self.params, self.anchor) if self.params else 0.0
 
     def log_stats(self) -> dict[str, float]:
         """The last step's state (1 = alignment, 0 = fine-tuning), its proximal term (0 while gated off),
@@ -304,7 +343,7 @@ class Lisa(StreamOwner, Defense):
         a = self.args
         done = self._prepared_step + 1
         return {"lisa_alignment": float(self._phase == ALIGNMENT), "lisa_prox": self.last_prox,
-                "lisa_drift": self._drift(),
+                "lisa_drift": self.last_drift,
                 "lisa_alignment_steps": float(alignment_steps_before(done, a.align_steps, a.finetune_steps))}
 
     def state_dict(self) -> dict[str, Any]:
@@ -320,8 +359,14 @@ class Lisa(StreamOwner, Defense):
     def save_tensors(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({n: a.detach().cpu().contiguous() for n, a in zip(self.names, self.anchor)},
-                  str(Path(directory) / ANCHOR_FILE))
+        if self.sharded:
+            if self._whole_anchor is None:
+                raise RuntimeError("lisa: this process holds only its shard of the anchor; checkpoints are written "
+                                   "by the process with trainer.args.should_save")
+            whole = self._whole_anchor
+        else:
+            whole = {n: a.detach().cpu() for n, a in zip(self.names, self.anchor)}
+        save_file({n: t.contiguous() for n, t in whole.items()}, str(Path(directory) / ANCHOR_FILE))
 
     def load_tensors(self, directory: Path) -> None:
         from safetensors.torch import load_file
@@ -332,4 +377,10 @@ class Lisa(StreamOwner, Defense):
         saved = load_file(str(path))
         if sorted(saved) != sorted(self.names):
             raise ConfigError(f"train.resume=true: {path} holds other parameters than the model being trained")
-        self.anchor = [saved[n].to(device=p.device, dtype=p.dtype) for n, p in zip(self.names, self.params)]
+        from spard.distributed import local_part, shard_like
+
+        # whole tensors, whichever engine wrote them; each rank keeps its shard of its copy
+        self.anchor = [shard_like(saved[n].to(device=local_part(p).device, dtype=p.dtype), p)
+                       for n, p in zip(self.names, self.params)]
+        self._whole_anchor = {n: saved[n].to(dtype=p.dtype) for n, p in zip(self.names, self.params)} \
+            if self.sharded and self.writes_checkpoints else None

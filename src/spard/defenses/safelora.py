@@ -13,6 +13,11 @@ alignment stage ran) and ``defense.unaligned_model`` names the unaligned one (de
 SmolLM2-135M-Instruct, i.e. the model spard's alignment stage started from). The projection runs in the
 ``after_train`` hook: the unprojected adapter is saved as ``final_unprojected/`` (with
 ``safelora_projection.json``, the per-module cosines) and the projected one becomes the run's ``final/``.
+
+Several processes (DDP, FSDP2): every rank loads the unaligned weights and computes the same projection on whole
+matrices (under FSDP the LoRA and base matrices are gathered from their shards one module at a time, in the same
+order on every rank), then writes its own part of each projected ``B``; the saved adapter is the single
+process's.
 """
 
 from __future__ import annotations
@@ -212,11 +217,14 @@ class SafeLoRA(Defense):
         ``aligned_weights`` (same keys), when given, stand in for the fine-tuned model's own base weights."""
         import torch
 
+        from spard.distributed import copy_whole_, full_tensor
+
         modules = _lora_modules(model)
         directions: dict[str, Tensor] = {}
         skipped: list[str] = []
         for key, (module, _) in modules.items():
-            aligned = _aligned_weight(module) if aligned_weights is None else aligned_weights[key]
+            # whole matrices: under FSDP gathered from the shards (collective, same order on every rank)
+            aligned = full_tensor(_aligned_weight(module)) if aligned_weights is None else aligned_weights[key]
             if aligned.shape != unaligned[key].shape:
                 raise ConfigError(f"defense.unaligned_model={self.args.unaligned_model!r}: {key} has shape "
                                   f"{tuple(unaligned[key].shape)}, the fine-tuned model {tuple(aligned.shape)}")
@@ -234,14 +242,14 @@ class SafeLoRA(Defense):
             self.similarities = {}
             for key, v in directions.items():
                 module, adapter = modules[key]
-                self.similarities[key] = projected_similarity(v, module.lora_A[adapter].weight,
-                                                              module.lora_B[adapter].weight)
+                self.similarities[key] = projected_similarity(v, full_tensor(module.lora_A[adapter].weight),
+                                                              full_tensor(module.lora_B[adapter].weight))
             self.projected, tau = select_layers(self.similarities, self.args.select_layers_type,
                                                 threshold=self.args.threshold, number=self.args.num_proj_layers)
             for key in self.projected:
                 module, adapter = modules[key]
                 weight = module.lora_B[adapter].weight
-                weight.copy_(project_lora_b(directions[key], weight).to(weight.dtype))
+                copy_whole_(weight, project_lora_b(directions[key], full_tensor(weight)).to(weight.dtype))
         if skipped:
             log.warning("safelora: %d adapted modules have no alignment direction (aligned == unaligned) and are "
                         "left unprojected: %s", len(skipped), skipped[:5])
@@ -251,15 +259,16 @@ class SafeLoRA(Defense):
                 "safelora_min_similarity": min(sims), "safelora_mean_similarity": sum(sims) / len(sims)}
 
     def setup(self, trainer: Trainer) -> None:
-        from spard.distributed import any_sharded
+        from spard.distributed import check_engine
 
-        if any_sharded([p for p in trainer.model.parameters() if p.requires_grad]):
-            # refused before training rather than after it: the per-module projection reads whole LoRA matrices
-            raise ConfigError("defense.name='safelora' does not support FSDP yet (its per-module projection reads "
-                              "whole LoRA and base matrices); train it with DDP (configs/accelerate/ddp.yaml)")
+        # refused before training, not after it: under DeepSpeed ZeRO-3 or FSDP1 the projection would read flat
+        # partitions instead of the LoRA and base matrices (FSDP2's DTensors are gathered whole)
+        check_engine(trainer, "defense.name='safelora'")
 
     def after_train(self, trainer: Trainer) -> None:
         import torch
+
+        from spard.distributed import sharded_trainable_state
 
         start = time.perf_counter()
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -279,8 +288,9 @@ class SafeLoRA(Defense):
         unaligned = _load_unaligned_weights(self.args, list(modules), dtype)
         loaded = time.perf_counter()
         run_dir = Path(trainer.args.output_dir)
+        unprojected = sharded_trainable_state(model)  # FSDP2: the adapter's shards gathered (on every rank)
         if trainer.is_world_process_zero():
-            model.save_pretrained(run_dir / UNPROJECTED_DIR, safe_serialization=True)
+            model.save_pretrained(run_dir / UNPROJECTED_DIR, safe_serialization=True, state_dict=unprojected)
         stats = self.project(model, unaligned, aligned)
         done = time.perf_counter()
         stats["safelora_load_seconds"] = round(loaded - start, 3)

@@ -4,8 +4,12 @@ The pairs are packaged real data, none written here: the SPARD reference's Beave
 (``spard_reference/train``, the files of the ``spard_ref`` source) give each harmful prompt a safe refusal
 (``safe``: chosen) and a harmful answer (``unsafe``: rejected). Prompts that any other packaged dataset holds
 (attack sets, harm sets, the over-refusal sets, tasks) are left out, so nothing an attack trains on or an
-evaluation scores is a pair. No packaged source holds a *needless refusal* of a benign prompt, so there are no
-(benign prompt, helpful answer, needless refusal) pairs: ``align.n_benign`` must be 0 (``AlignArgs`` says so).
+evaluation scores is a pair.
+
+``align.n_benign`` adds (benign prompt, helpful answer, needless refusal) pairs, so DPO also learns *not* to
+refuse: the prompt and its answer come from ``align.benign_source`` (the over-refusal evaluation prompts left out,
+as for SFT) and the needless refusal is a real refusal from the same BeaverTails files, taken from pairs not used
+as harmful pairs (written for another, harmful prompt: no packaged source holds refusals of benign prompts).
 
 Training reuses spard's pieces: the LoRA adapter of :func:`spard.trainer.add_lora` (or every parameter,
 ``align.full_finetune``), the Trainer arguments of :func:`spard.trainer.training_arguments` (precision,
@@ -31,6 +35,7 @@ from spard.data.chat import bound_format, format_messages
 from spard.data.records import Record, chat
 from spard.data.sources import DATA_DIR, SOURCES, read_rows
 from spard.errors import DataError
+from spard.jobs.align_data import benign_alignment_records
 from spard.rundir import FINAL_DIR
 from spard.trainer import LoggingProgressCallback, add_lora, full_parameter_model, training_arguments
 
@@ -38,6 +43,8 @@ PAIR_SOURCE = "spard_ref"
 """The packaged source whose train files hold (prompt, ``safe``, ``unsafe``) triples."""
 PAIR_DATA = "spard_ref train: prompt, chosen=safe, rejected=unsafe; minus other packaged prompts"
 """What the pairs are, as it enters the aligned model's cache key (change it when the pairs change)."""
+BENIGN_PAIR_DATA = "benign_source minus over-refusal sets: chosen=answer, rejected=safe of an unused spard_ref pair"
+"""What the benign pairs are, in the cache key when ``align.n_benign`` > 0 (change it when they change)."""
 
 
 @dataclass(frozen=True)
@@ -71,14 +78,31 @@ def pair_pool() -> list[PreferencePair]:
 
 
 def preference_pairs(align: AlignArgs) -> list[PreferencePair]:
-    """``align.n_safety`` pairs drawn from :func:`pair_pool`, deterministic by ``align.seed``."""
+    """``align.n_safety`` harmful pairs drawn from :func:`pair_pool` then ``align.n_benign`` benign pairs
+    (:func:`benign_pairs`), shuffled together; deterministic by ``align.seed``."""
     pool = pair_pool()
-    if align.n_safety > len(pool):
-        raise DataError(f"align.n_safety={align.n_safety}: the packaged preference pairs ({PAIR_SOURCE}) number "
-                        f"only {len(pool)} after leaving out prompts of other datasets")
+    if align.n_safety + align.n_benign > len(pool):
+        raise DataError(f"align.n_safety + align.n_benign = {align.n_safety + align.n_benign}: the packaged "
+                        f"preference pairs ({PAIR_SOURCE}) number only {len(pool)} after leaving out prompts of "
+                        "other datasets (each benign pair takes its refusal from an unused one)")
     if align.n_safety < 1:
         raise DataError("align.n_safety=0: method=dpo needs at least one preference pair")
-    return sample(pool, align.n_safety, align.seed)
+    drawn = sample(pool, align.n_safety + align.n_benign, align.seed)
+    harmful, spare = drawn[:align.n_safety], drawn[align.n_safety:]
+    benign = benign_pairs(align, [p.chosen for p in spare])
+    return harmful if not benign else [*sample(harmful + benign, len(harmful) + len(benign), align.seed + 2)]
+
+
+def benign_pairs(align: AlignArgs, refusals: list[str]) -> list[PreferencePair]:
+    """One (benign prompt, its answer, a needless refusal) pair per refusal in ``refusals``: the benign examples
+    are the ones SFT would train on (:func:`spard.jobs.align_data.benign_alignment_records`)."""
+    if not refusals:
+        return []
+    records = benign_alignment_records(align)
+    if len(records) < len(refusals):
+        raise DataError(f"align.n_benign={align.n_benign}: align.benign_source={align.benign_source!r} has only "
+                        f"{len(records)} examples outside the over-refusal evaluation sets")
+    return [PreferencePair(r.prompt, r.response or "", refusal) for r, refusal in zip(records, refusals)]
 
 
 def harmful_pair_records(align: AlignArgs) -> list[Record]:
@@ -116,7 +140,8 @@ def train_dpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs:
               lora: LoraArgs | None, args: TrainArgs, beta: float, max_length: int, run_dir: Path
               ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """DPO-train ``model`` on ``pairs`` (a LoRA adapter, or every parameter when ``lora`` is None); returns the
-    trained model (a ``PeftModel`` with only its ``default`` adapter for LoRA) and its training metrics."""
+    trained model (a ``PeftModel`` whose active adapter is the trained one, for LoRA) and its training metrics.
+    Runs under DDP and FSDP2 as TRL does; rank 0 saves the adapter (whole)."""
     from datasets import Dataset
     from trl import DPOTrainer
 
@@ -136,9 +161,16 @@ def train_dpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs:
     seconds = time.perf_counter() - start
     trained = trainer.model
     if lora is not None:
-        if "ref" in trained.peft_config:  # TRL's reference adapter is no part of the aligned model
+        from spard.distributed import sharded_trainable_state
+
+        adapter = sharded_trainable_state(trained)  # FSDP2: the adapter's shards gathered (on every rank)
+        # TRL's reference adapter is no part of the aligned model; under FSDP2 its modules stay (the sharded model
+        # is only read from now on) and are left out of what is saved and merged
+        if "ref" in trained.peft_config and adapter is None:
             trained.delete_adapter("ref")
-        trained.save_pretrained(run_dir / FINAL_DIR, safe_serialization=True)
+        if trainer.is_world_process_zero():
+            trained.save_pretrained(run_dir / FINAL_DIR, safe_serialization=True,
+                                    selected_adapters=[trained.active_adapter], state_dict=adapter)
     history = trainer.state.log_history
     losses = [r["loss"] for r in history if "loss" in r]
     accuracy = [r["rewards/accuracies"] for r in history if "rewards/accuracies" in r]
