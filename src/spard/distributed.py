@@ -232,11 +232,21 @@ def copy_whole_(dst: Tensor, whole: Tensor) -> Tensor:
 
 
 def sharded_trainable_state(model: torch.nn.Module) -> dict[str, Tensor] | None:
-    """Under FSDP2, the trainable tensors (the LoRA adapter) gathered whole by name, for ``save_pretrained(...,
-    state_dict=...)`` (collective: call on every rank); None when nothing is sharded (save as usual). Only the
-    trainable tensors are gathered, never the frozen base."""
+    """Under FSDP2, the trainable tensors (the LoRA adapter, or every weight of a full fine-tune) gathered whole by
+    name onto rank 0's CPU, for its ``save_pretrained(..., state_dict=...)``; the other ranks get an empty dict
+    (collective: call on every rank). None when nothing is sharded (save as usual). Gathered one tensor at a
+    time and kept only by rank 0, so no other rank ever holds more than one whole tensor; the frozen base is
+    never gathered."""
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return full_tensors(named) if any_sharded(list(named.values())) else None
+    if not any_sharded(list(named.values())):
+        return None
+    keep = world()[0] == 0
+    state = {}
+    for name, param in named.items():
+        whole = full_tensor(param)
+        if keep:
+            state[name] = whole.cpu()
+    return state
 
 
 def check_engine(trainer: Any, who: str) -> None:

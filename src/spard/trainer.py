@@ -271,7 +271,7 @@ def fit(
     defense.after_train(trainer)
     from spard.distributed import sharded_trainable_state
 
-    adapter = sharded_trainable_state(peft_model)  # FSDP2: the adapter's shards gathered (on every rank)
+    adapter = sharded_trainable_state(peft_model)  # FSDP2: gathered to rank 0 (a collective)
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(run_dir / FINAL_DIR, safe_serialization=True, state_dict=adapter)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]

@@ -288,7 +288,7 @@ class SafeLoRA(Defense):
         unaligned = _load_unaligned_weights(self.args, list(modules), dtype)
         loaded = time.perf_counter()
         run_dir = Path(trainer.args.output_dir)
-        unprojected = sharded_trainable_state(model)  # FSDP2: the adapter's shards gathered (on every rank)
+        unprojected = sharded_trainable_state(model)  # FSDP2: gathered to rank 0 (a collective)
         if trainer.is_world_process_zero():
             model.save_pretrained(run_dir / UNPROJECTED_DIR, safe_serialization=True, state_dict=unprojected)
         stats = self.project(model, unaligned, aligned)

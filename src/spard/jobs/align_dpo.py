@@ -163,7 +163,7 @@ def train_dpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs:
     if lora is not None:
         from spard.distributed import sharded_trainable_state
 
-        adapter = sharded_trainable_state(trained)  # FSDP2: the adapter's shards gathered (on every rank)
+        adapter = sharded_trainable_state(trained)  # FSDP2: gathered to rank 0 (a collective)
         # TRL's reference adapter is no part of the aligned model; under FSDP2 its modules stay (the sharded model
         # is only read from now on) and are left out of what is saved and merged
         if "ref" in trained.peft_config and adapter is None:
