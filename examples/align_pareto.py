@@ -1,5 +1,6 @@
 """Plot the alignment recipes of docs/results/alignment: harmful answer rate against benign refusal, one point
-per recipe (marker by method, filled when full-parameter), the Pareto front and the "aligned" bar.
+per recipe (marker by method: SFT, DPO, SFT then DPO; filled when full-parameter), the Pareto front and the
+"aligned" bar.
 
     python examples/align_pareto.py docs/results/alignment/recipes.jsonl docs/results/alignment/pareto.png
 
@@ -17,7 +18,7 @@ from typing import Any
 from spard.benchmark.stats import pareto_front
 from spard.io import atomic_path
 
-MARKERS = {"sft": "o", "dpo": "s"}
+MARKERS = {"sft": "o", "dpo": "s", "sft+dpo": "D"}
 
 
 def from_sweep(row: dict[str, Any], measured: str) -> dict[str, Any]:

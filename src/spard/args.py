@@ -252,11 +252,11 @@ class AlignArgs:
     safety_path: str | None = None
     """Optional local file / hub id for the safety source."""
     n_safety: int = 300
-    """Safety (refusal) examples in the alignment set."""
+    """Safety (refusal) examples in the alignment set; with ``method: dpo``, harmful preference pairs."""
     benign_source: str = "alpaca"
     """Benign instruction data mixed in so the model keeps answering ordinary requests."""
     n_benign: int = 300
-    """Benign examples in the alignment set."""
+    """Benign examples in the alignment set; with ``method: dpo``, benign preference pairs (answer over refusal)."""
     epochs: float = 1.0
     """Passes over the alignment set."""
     lr: float = 5e-4
