@@ -29,6 +29,9 @@ PINNED = {
     "ptst": [8.786017, 8.786733, 8.812713, 8.771778],  # = sft: GSM8K records carry no system turn to remove
 }
 OPTIONS = {"spard-halfspace": ("defense.name=spard", "defense.projection=halfspace", "defense.max_step=null")}
+# The same code gives the same curves to 1e-5 on different CPUs, except the unclipped half-space step, which
+# amplifies kernel rounding: its step 4 was 8.796168 on an AVX512 Xeon vs 8.796402 on an AVX2 EPYC.
+TOLERANCE = {"spard-halfspace": 5e-4}
 
 
 @pytest.mark.parametrize("defense", sorted(PINNED))
@@ -39,4 +42,4 @@ def test_loss_curve_is_pinned(defense, tmp_path, tiny_tok):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [round(r["loss"], 6) for r in rows]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert losses == pytest.approx(PINNED[defense], abs=1e-4), f"{defense}: {losses}"
+    assert losses == pytest.approx(PINNED[defense], abs=TOLERANCE.get(defense, 1e-4)), f"{defense}: {losses}"
