@@ -21,13 +21,10 @@ launch as DDP (``ACCELERATE_USE_FSDP=false`` while they train).
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
 import json
 import os
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
@@ -48,22 +45,14 @@ CASES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--batch-size", type=int, required=True, help="per-device alignment batch")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--again", default="", help="a case to align once more at the end (from the cache)")
-    parser.add_argument("--fsdp", action="store_true")
-    parser.add_argument("--override", action="append", default=[], help="a config override for every case")
-    parser.add_argument("--hang-seconds", type=float, default=240.0, help="dump every stack and exit after this")
-    args = parser.parse_args()
-    faulthandler.dump_traceback_later(args.hang_seconds, exit=True)  # a collective mismatch hangs: show where
-    torch.set_num_threads(1)  # two ranks on two cores
-    if args.fsdp:
-        from fsdp_worker import allow_fsdp_on_cpu
+    from fsdp_worker import start_worker, worker_parser
 
-        allow_fsdp_on_cpu()
+    parser = worker_parser(CASES, batch_help="per-device alignment batch", hang_seconds=240.0)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--again", default="", help="a case to align once more at the end (from the cache)")
+    parser.add_argument("--override", action="append", default=[], help="a config override for every case")
+    args = parser.parse_args()
+    start_worker(args)
 
     from accelerate.state import AcceleratorState
     from transformers.trainer_callback import CallbackHandler

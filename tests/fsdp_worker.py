@@ -74,6 +74,27 @@ def allow_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init
 
 
+def worker_parser(cases: dict, *, batch_help: str, hang_seconds: float) -> argparse.ArgumentParser:
+    """The flags every multi-process test worker takes: OUT, the per-device batch, the cases, --fsdp and the hang
+    timeout."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--batch-size", type=int, required=True, help=batch_help)
+    parser.add_argument("--cases", default=",".join(cases))
+    parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--hang-seconds", type=float, default=hang_seconds, help="dump every stack and exit after this")
+    return parser
+
+
+def start_worker(args: argparse.Namespace) -> None:
+    """Arm the hang dump (a collective mismatch hangs: show where), one thread per rank (two ranks on two cores)
+    and, with --fsdp, the test-only FSDP-on-CPU patch."""
+    faulthandler.dump_traceback_later(args.hang_seconds, exit=True)
+    torch.set_num_threads(1)
+    if args.fsdp:
+        allow_fsdp_on_cpu()
+
+
 def check_reductions(out: Path) -> None:
     """spard.distributed's whole-tensor reductions on a fully_shard model equal those of the gathered tensors."""
     from torch.distributed.fsdp import fully_shard
@@ -184,22 +205,14 @@ def run_hf(out: Path, tok, args: argparse.Namespace) -> None:  # noqa: ANN001
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--batch-size", type=int, required=True, help="per-device utility batch")
+    parser = worker_parser(CASES, batch_help="per-device utility batch", hang_seconds=300.0)
     parser.add_argument("--safety-batch-size", type=int, required=True, help="per-device SPARD safety batch")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--resume-cases", default="", help="cases also run with checkpoints (and resumed)")
     parser.add_argument("--interrupt", action="store_true", help="resume each --resume-cases run from a cut copy")
     parser.add_argument("--hf", action="store_true", help="also run DefenseCallback in a plain Trainer")
-    parser.add_argument("--fsdp", action="store_true")
-    parser.add_argument("--hang-seconds", type=float, default=300.0, help="dump every stack and exit after this")
     args = parser.parse_args()
-    faulthandler.dump_traceback_later(args.hang_seconds, exit=True)  # a collective mismatch hangs: show where
-    torch.set_num_threads(1)  # two ranks on two cores
-    if args.fsdp:
-        allow_fsdp_on_cpu()
+    start_worker(args)
 
     from ddp_spard_worker import tiny_tokenizer_like_conftest
     from spard.config import load_config
