@@ -23,8 +23,8 @@ from spard.errors import ConfigError
 
 __all__ = ["world", "collective_device", "all_reduce_sum_", "all_reduce_flat_", "is_sharded", "local_part",
            "any_sharded", "shard_group", "combine_partials", "whole_sums", "per_tensor_dots", "per_tensor_sq_norms",
-           "whole_dot", "full_tensor", "full_tensors", "shard_like", "copy_whole_", "sharded_trainable_state",
-           "check_engine"]
+           "whole_dot", "full_tensor", "full_tensors", "shard_like", "copy_whole_", "is_fsdp_module",
+           "fsdp_modules", "sharded_trainable_state", "check_engine"]
 
 
 def world() -> tuple[int, int]:
@@ -229,6 +229,20 @@ def copy_whole_(dst: Tensor, whole: Tensor) -> Tensor:
     with torch.no_grad():
         local_part(dst).copy_(local_part(shard_like(whole, dst)).to(dst.dtype))
     return dst
+
+
+def is_fsdp_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is an FSDP2 (``fully_shard``) module."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 (``fully_shard``) modules in ``model``; none outside FSDP2."""
+    return [m for m in model.modules() if is_fsdp_module(m)]
 
 
 def sharded_trainable_state(model: torch.nn.Module) -> dict[str, Tensor] | None:

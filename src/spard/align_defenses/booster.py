@@ -88,6 +88,8 @@ def shifted_harmful_gradients(model: torch.nn.Module, batch: dict[str, Tensor], 
     parameters take :func:`_sharded_shifted_gradients` instead."""
     from torch.nn.utils.stateless import _reparametrize_module
 
+    from spard.distributed import fsdp_modules
+
     if fsdp_modules(model):
         return _sharded_shifted_gradients(model, trainable_parameters(model), batch, alpha)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -102,22 +104,13 @@ def shifted_harmful_gradients(model: torch.nn.Module, batch: dict[str, Tensor], 
     return g_harm, g_shifted, float(loss.detach()), float(loss_shifted.detach())
 
 
-def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The FSDP2 (``fully_shard``) modules in ``model``; none outside FSDP2."""
-    import torch
-
-    if not torch.distributed.is_available():
-        return []
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
 def trainable_parameters(model: torch.nn.Module) -> list[Tensor]:
     """``model``'s trainable parameters as the optimizer holds them. Under FSDP2 a module left gathered after its
     forward (accelerate keeps the embeddings, final norm and head gathered) exposes its unsharded tensors in
     place of its parameters until resharded, so every FSDP module is resharded first (the trainer's backward
     gathers them again)."""
+    from spard.distributed import fsdp_modules
+
     for module in fsdp_modules(model):
         module.reshard()
     return [p for p in model.parameters() if p.requires_grad]
@@ -135,7 +128,7 @@ def _sharded_shifted_gradients(model: torch.nn.Module, params: list[Tensor], bat
     again) the restored ones."""
     import torch
 
-    from spard.distributed import local_part
+    from spard.distributed import fsdp_modules, local_part
 
     def reshard() -> None:
         for module in fsdp_modules(model):

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from spard.data.chat import pad_sequences
+from spard.distributed import is_fsdp_module
 from spard.errors import ConfigError, DataError
 from spard.fingerprint import weights_fingerprint
 from spard.io import atomic_path
@@ -55,15 +56,6 @@ class Embedder(Protocol):
     """
 
     def __call__(self, texts: list[str]) -> torch.Tensor: ...
-
-
-def _is_fsdp(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is an FSDP2 (``fully_shard``) module."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
 
 
 def module_fingerprint(module: torch.nn.Module, samples: int = 64) -> str:
@@ -141,7 +133,7 @@ class LMEmbedder:
         # The decoder alone skips the LM head (a [batch, seq, vocab] logits tensor we would throw away); not under
         # FSDP2, whose forward must enter at the sharded root (it gathers the shards from there).
         decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
-        if isinstance(decoder, torch.nn.Module) and not _is_fsdp(self.model):
+        if isinstance(decoder, torch.nn.Module) and not is_fsdp_module(self.model):
             out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             hidden = getattr(out, "last_hidden_state", None)
             if hidden is not None:
