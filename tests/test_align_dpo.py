@@ -168,3 +168,27 @@ def test_a_run_attacking_with_a_dpo_pair_prompt_is_refused():
     with pytest.raises(DataError, match="DPO pairs"):
         check_alignment_data_disjoint(cfg, ["an unrelated prompt", prompt])
     check_alignment_data_disjoint(cfg, ["an unrelated prompt"])  # no overlap: no error
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["align.n_safety=99999", "align.n_benign=0"], r"align.n_safety \+ align.n_benign = 99999"),
+    (["align.n_safety=7000", "align.n_benign=1000"], r"align.n_safety \+ align.n_benign = 8000"),
+    (["align.n_safety=8", "align.n_benign=2000", "align.benign_source=dolly"], r"align.n_benign=2000"),
+])
+def test_more_pairs_than_the_packaged_data_holds_is_one_clear_error(overrides, match):
+    cfg = load_config(None, ["align.method=dpo", *overrides])
+    with pytest.raises(DataError, match=match):
+        preference_pairs(cfg.align)
+
+
+def test_preflight_counts_dpo_pairs_not_sft_examples(tmp_path, monkeypatch):
+    from spard.jobs.preflight import plan
+
+    monkeypatch.setenv("SPARD_CACHE", str(tmp_path / "cache"))
+    # more harmful pairs than the SFT refusal pool holds: fine for DPO, which draws from its own pairs
+    sft_pool = len(load_source("safety"))
+    cfg = load_config(None, ["align.method=dpo", f"align.n_safety={sft_pool + 10}", "align.n_benign=5"])
+    assert plan(cfg, ("align",), check_model=False).n_align == sft_pool + 15
+    too_many = load_config(None, ["align.method=dpo", "align.n_safety=8000", "align.n_benign=0"])
+    with pytest.raises(DataError, match=r"align.n_safety \+ align.n_benign = 8000"):
+        plan(too_many, ("align",), check_model=False)

@@ -22,6 +22,7 @@ from spard.evaluate.harm import check_overlap, load_harm_sets_by_name
 from spard.evaluate.tasks import task_for
 from spard.hub import ensure_reachable, is_hub_id
 from spard.jobs.align import aligned_model_dir, alignment_records
+from spard.jobs.align_dpo import preference_pairs
 from spard.models import check_model_source
 from spard.registry import JUDGES, build, resolve
 from spard.rundir import check_writable_dir
@@ -86,7 +87,9 @@ def plan(cfg: RunConfig, stages: tuple[str, ...] = STAGES, *, check_model: bool 
         result.aligned_cached = (target / "model" / "config.json").is_file()
         if not result.aligned_cached:
             _check_data_path(cfg.align.safety_path, "align.safety_path")
-            result.n_align = len(alignment_records(cfg.align))
+            # the data the alignment will train on: DPO's preference pairs, else SFT's examples
+            examples = preference_pairs if cfg.align.method == "dpo" else alignment_records
+            result.n_align = len(examples(cfg.align))
     if "train" in stages or "eval" in stages:
         for key in ("task_path",):
             _check_data_path(getattr(cfg.data, key), f"data.{key}")
