@@ -192,3 +192,15 @@ def test_preflight_counts_dpo_pairs_not_sft_examples(tmp_path, monkeypatch):
     too_many = load_config(None, ["align.method=dpo", "align.n_safety=8000", "align.n_benign=0"])
     with pytest.raises(DataError, match=r"align.n_safety \+ align.n_benign = 8000"):
         plan(too_many, ("align",), check_model=False)
+
+
+def test_a_benign_example_without_an_answer_is_refused_not_paired_with_an_empty_one(monkeypatch):
+    import spard.jobs.align_dpo as align_dpo
+    from spard.data.records import chat
+
+    monkeypatch.setattr(align_dpo, "benign_alignment_records",
+                        lambda align: [chat("Name a colour.", "Blue.", source="x", kind="benign"),
+                                       chat("Name a fruit.", None, source="x", kind="benign")])
+    cfg = load_config(None, ["align.method=dpo", "align.n_safety=4", "align.n_benign=2"])
+    with pytest.raises(DataError, match="have no answer to prefer, e.g. 'Name a fruit.'"):
+        preference_pairs(cfg.align)

@@ -102,6 +102,10 @@ def benign_pairs(align: AlignArgs, refusals: list[str]) -> list[PreferencePair]:
     if len(records) < len(refusals):
         raise DataError(f"align.n_benign={align.n_benign}: align.benign_source={align.benign_source!r} has only "
                         f"{len(records)} examples outside the over-refusal evaluation sets")
+    unanswered = [r.prompt for r in records[:len(refusals)] if not (r.response or "").strip()]
+    if unanswered:
+        raise DataError(f"align.benign_source={align.benign_source!r}: {len(unanswered)} benign example(s) have no "
+                        f"answer to prefer, e.g. {unanswered[0][:80]!r}")
     return [PreferencePair(r.prompt, r.response or "", refusal) for r, refusal in zip(records, refusals)]
 
 
