@@ -205,8 +205,6 @@ def evaluate_base(cfg: RunConfig, base_model: str, *, attack_prompts: list[str] 
     same base shares it. The overlap guard still runs against this run's attack prompts. An evaluation with
     judge errors is not cached (it is left in ``base_eval/uncached/<key>``), and one found in the cache is
     ignored."""
-    from spard.evaluate import evaluate_model, format_results_table
-    from spard.evaluate.harm import check_overlap, load_harm_sets
     from spard.evaluate.tasks import task_class
 
     key_parts: list[Any] = [base_model, asdict(cfg.eval)]
@@ -217,6 +215,16 @@ def evaluate_base(cfg: RunConfig, base_model: str, *, attack_prompts: list[str] 
         key_parts.append({"prompt_format": cfg.data.prompt_format})
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
     root = cache_dir() / "base_eval"
+    # one process evaluates, others (bench workers, job-array cells) wait for it and read the cache
+    with dir_lock(root / ".locks" / key, what="base evaluation cache entry", wait=True):
+        return _evaluate_base_locked(cfg, base_model, root, key, attack_prompts)
+
+
+def _evaluate_base_locked(cfg: RunConfig, base_model: str, root: Path, key: str,
+                          attack_prompts: list[str]) -> EvalResult:
+    from spard.evaluate import evaluate_model, format_results_table
+    from spard.evaluate.harm import check_overlap, load_harm_sets
+
     out_dir = root / key
     if (out_dir / RESULTS_FILE).is_file():
         results = json.loads((out_dir / RESULTS_FILE).read_text())

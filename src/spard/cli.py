@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--cell", type=int, metavar="I", help="run only cell I (then --collect when all are done)")
     mode.add_argument("--collect", action="store_true", help="only write results.csv, table.md and the plots")
     bp.add_argument("--retry", type=int, default=0, metavar="N", help="retry a crashing cell up to N more times now")
+    bp.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="run N cells at a time, each in a worker process with 1/N of the cores (a small model "
+                         "runs two one-thread cells faster than one two-thread cell; see README)")
     return p
 
 
@@ -205,7 +208,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(benchmark.format_cell_list(b))
         return 0
     try:
-        res = benchmark.bench(b, cell=args.cell, collect_only=args.collect, retry=args.retry)
+        res = benchmark.bench(b, cell=args.cell, collect_only=args.collect, retry=args.retry, jobs=args.jobs)
     except KeyboardInterrupt:
         print("spard: interrupted; rerun the same command to continue (finished cells are skipped, "
               "partial ones resume)", file=sys.stderr)

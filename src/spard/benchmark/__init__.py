@@ -95,17 +95,21 @@ def bench(
     output_dir: str | Path | None = None,
     run_fn: RunFn | None = None,
     align_fn: Callable[[RunConfig], Any] | None = None,
+    jobs: int = 1,
 ) -> BenchResult:
     """Run a bench (every unfinished cell, or only ``cell``) and collect its results.
 
     ``collect_only`` runs nothing. ``retry`` extra attempts for a crashing cell. ``run_fn`` runs one cell
     (default :func:`run_cell`, i.e. ``spard.api.run``); ``align_fn`` the alignment stage (``spard.api.align``).
+    ``jobs`` cells at a time, each in its own worker process with its share of the cores
+    (:mod:`spard.benchmark.parallel`).
     """
     b = config if isinstance(config, Bench) else load_bench(config, output_dir=output_dir)
     check_writable_dir(b.bench_dir, "output_dir (bench)")  # before any cell's compute
     if collect_only:
         return BenchResult(b, [], collect(b))
-    outcomes = run_cells(b, indices=None if cell is None else [cell], run_fn=run_fn, align_fn=align_fn, retry=retry)
+    outcomes = run_cells(b, indices=None if cell is None else [cell], run_fn=run_fn, align_fn=align_fn, retry=retry,
+                         jobs=jobs)
     return BenchResult(b, outcomes, None if cell is not None else collect(b))
 
 

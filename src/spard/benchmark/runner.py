@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import time
@@ -149,17 +150,24 @@ def run_cells(
     run_fn: RunFn | None = None,
     align_fn: Callable[[RunConfig], Any] | None = None,
     retry: int = 0,
+    jobs: int = 1,
 ) -> list[CellOutcome]:
-    """Run the bench's cells (or those at ``indices``) in order.
+    """Run the bench's cells (or those at ``indices``) in order, or ``jobs`` at a time in worker processes.
 
     Finished cells are skipped, partial ones resume, stale ones (their directory holds a run of another
     config) are left alone. A crash is written to ``<cell>/error.txt`` and the next cell starts; a crashed
     cell is tried again up to ``retry`` more times here, and again on the next invocation. The alignment
     stage runs once first (``align_fn``, default ``spard.api.align``, cached), so a broken alignment stops
     the bench instead of failing every cell in turn.
+
+    With ``jobs > 1`` the cells run in that many spawned worker processes (:mod:`spard.benchmark.parallel`),
+    the cores split between them; ``run_fn`` must then be picklable (a module-level function). A worker that
+    dies leaves its cell and the cells not started marked failed; the next invocation resumes them.
     """
     if retry < 0:
         raise SpardError(f"retry={retry}: must be >= 0")
+    if jobs < 1:
+        raise SpardError(f"jobs={jobs}: must be >= 1")
     cells = bench.cells if indices is None else [_cell_at(bench, i) for i in indices]
     run_fn = run_fn or run_cell
     align_fn = align_fn or _default_align
@@ -176,17 +184,67 @@ def run_cells(
         else:
             todo.append(cell)
     log.info("bench %s: %d cells, %d finished, %d to run", bench.name, len(cells), len(cells) - len(todo), len(todo))
-    aligned: set[str] = set()
-    for cell in todo:
-        key = json.dumps([dataclasses.asdict(cell.config.model), dataclasses.asdict(cell.config.align)],
-                         sort_keys=True)
-        if cell.config.align.enabled and key not in aligned:
-            align_fn(cell.config)
-            aligned.add(key)
-    for n, cell in enumerate(todo, 1):
-        log.info("bench %s: cell %d of %d to run", bench.name, n, len(todo))
-        outcomes[cell.index] = _run_one(cell, run_fn, retry)
+    alignments = _alignments_needed(todo)
+    if jobs == 1 or len(todo) < 2:
+        for cfg in alignments:
+            align_fn(cfg)
+        for n, cell in enumerate(todo, 1):
+            log.info("bench %s: cell %d of %d to run", bench.name, n, len(todo))
+            outcomes[cell.index] = _run_one(cell, run_fn, retry)
+    else:
+        outcomes.update(_run_in_workers(bench, alignments, todo, run_fn, align_fn, retry, jobs))
     return [outcomes[c.index] for c in cells]
+
+
+def _alignments_needed(todo: Sequence[Cell]) -> list[RunConfig]:
+    """One config per distinct alignment stage (model + align options) the cells to run use."""
+    seen: dict[str, RunConfig] = {}
+    for cell in todo:
+        if cell.config.align.enabled:
+            key = json.dumps([dataclasses.asdict(cell.config.model), dataclasses.asdict(cell.config.align)],
+                             sort_keys=True)
+            seen.setdefault(key, cell.config)
+    return list(seen.values())
+
+
+def _worker_task(item: tuple[str, Any], *, run_fn: RunFn, align_fn: Callable[[RunConfig], Any],
+                 retry: int) -> CellOutcome | None:
+    """One alignment stage (``("align", config)``) or one cell (``("cell", cell)``) in a worker process
+    (module-level, so it pickles)."""
+    kind, payload = item
+    if kind == "align":
+        align_fn(payload)
+        return None
+    return _run_one(payload, run_fn, retry)
+
+
+def _run_in_workers(bench: Bench, alignments: list[RunConfig], todo: list[Cell], run_fn: RunFn,
+                    align_fn: Callable[[RunConfig], Any], retry: int, jobs: int) -> dict[int, CellOutcome]:
+    """The alignment stages and then the cells, in one queue: a worker free after an alignment starts cells
+    while a longer alignment goes on elsewhere (a cell that needs an alignment still in progress waits for
+    its cache entry). A failed alignment stops the bench, as without workers."""
+    from spard.benchmark.parallel import WorkerDied, map_in_workers, threads_per_worker
+
+    threads = threads_per_worker(jobs)
+    log.info("bench %s: %d alignment stage(s) and %d cells in %d worker processes of %d thread(s) each",
+             bench.name, len(alignments), len(todo), jobs, threads)
+    items: list[tuple[str, Any]] = [("align", cfg) for cfg in alignments] + [("cell", c) for c in todo]
+    outcomes: dict[int, CellOutcome] = {}
+    task = functools.partial(_worker_task, run_fn=run_fn, align_fn=align_fn, retry=retry)
+    try:
+        for _, outcome in map_in_workers(task, items, jobs=jobs, threads=threads):
+            if outcome is None:
+                continue
+            outcomes[outcome.cell.index] = outcome
+            log.info("bench %s: cell %d %s %s in %.0f s (%d of %d)", bench.name, outcome.cell.index,
+                     outcome.cell.name, outcome.status, outcome.seconds, len(outcomes), len(todo))
+    except WorkerDied as e:
+        log.error("bench %s: %s; rerun the same command to resume", bench.name, e)
+        for cell in todo:  # a cell finished just before the pool broke is done on disk: say so
+            done = cell_status(cell) == "done"
+            outcomes.setdefault(cell.index, CellOutcome(cell, "ran" if done else "failed",
+                                                        error=None if done else str(e)))
+    return outcomes
 
 
 def _cell_at(bench: Bench, index: int) -> Cell:

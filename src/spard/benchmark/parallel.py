@@ -1,0 +1,93 @@
+"""Several worker processes on one machine, each running whole cells (``spard bench --jobs N``).
+
+A 135M model on a CPU does not keep two cores busy from one process: its matrices are small, so generation and
+training spend much of each step in single-threaded work between the parallel kernels. Two processes with one
+thread each run two cells in about the time one two-thread process runs one. Each worker is a spawned process
+(no forked torch state) that lives for the whole bench, so the import of the training stack is paid once per
+worker, not once per cell; the cells go to whichever worker is free next (SafeGrad's cell costs more than SFT's).
+
+This module knows nothing about cells: it maps a picklable function over items in the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+from spard.errors import SpardError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def threads_per_worker(jobs: int, cores: int | None = None) -> int:
+    """Intra-op threads for each of ``jobs`` workers: the cores split evenly, at least one."""
+    if jobs < 1:
+        raise SpardError(f"jobs={jobs}: must be >= 1")
+    return max(1, (cores or available_cores()) // jobs)
+
+
+def _init_worker(threads: int, log_level: int) -> None:
+    """Runs first in each worker: its thread count (before torch is imported here) and the parent's logging."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from spard.redact import RedactFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactFilter())
+
+
+class WorkerDied(SpardError):
+    """A worker process ended without returning (killed, out of memory): its item and every item not started
+    yet have no result."""
+
+
+def map_in_workers(fn: Callable[[T], R], items: Sequence[T], *, jobs: int,
+                   threads: int | None = None) -> Iterator[tuple[int, R]]:
+    """Yield ``(index into items, fn(item))`` as workers finish them, ``jobs`` spawned processes at a time.
+
+    ``fn`` and the items must be picklable (``fn`` a module-level function or a ``functools.partial`` of one).
+    An exception ``fn`` raises reaches the caller when its result is taken; a worker that dies raises
+    :class:`WorkerDied` and no further items are started. Interrupting the caller cancels the items not started.
+    """
+    import multiprocessing
+
+    threads = threads or threads_per_worker(jobs)
+    level = logging.getLogger().getEffectiveLevel()
+    executor = ProcessPoolExecutor(max_workers=min(jobs, max(1, len(items))),
+                                   mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(threads, level))
+    try:
+        pending: dict[Future[R], int] = {executor.submit(fn, item): i for i, item in enumerate(items)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                index = pending.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool as e:
+                    raise WorkerDied(f"a worker process died while running item {index} (killed, or out of "
+                                     f"memory); {len(pending)} items were not finished") from e
+                yield index, result
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
