@@ -144,3 +144,36 @@ def test_step_speedup_stops_timing_bf16_once_it_is_no_faster(monkeypatch, tiny_t
     monkeypatch.setattr(precision.time, "perf_counter", lambda: clock["t"])
     assert precision.step_speedup(model, tokens=8, rows=1, reps=3) == pytest.approx(want)
     assert clock["bf16_steps"] == want_bf16_steps
+
+
+def _decide_in_a_new_process(cache: str, log: str) -> bool:
+    """A spawned process's decision, with a measurement that takes a second and records that it ran."""
+    import os
+    import time
+
+    from spard.testing import tiny_model, tiny_tokenizer
+
+    os.environ["SPARD_CACHE"] = cache
+
+    def slow_matmul(*a, **k):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        return 2.0
+
+    precision.matmul_speedup = slow_matmul
+    precision.step_speedup = lambda *a, **k: 2.0
+    return precision.decide_cpu_bf16(tiny_model(tiny_tokenizer())).use_bf16
+
+
+@pytest.mark.multiprocess
+def test_processes_deciding_at_once_measure_once(tmp_path):
+    """Bench workers start together: one measures (alone), the other waits and reads its decision."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    log = tmp_path / "measured.log"
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        decisions = list(pool.map(_decide_in_a_new_process, [str(tmp_path / "cache")] * 2, [str(log)] * 2))
+    assert decisions == [True, True]
+    assert len(log.read_text().splitlines()) == 1

@@ -148,33 +148,51 @@ def _shape(model: torch.nn.Module) -> dict[str, int]:
 
 def decide_cpu_bf16(model: torch.nn.Module, *, use_cache: bool = True) -> Bf16Decision:
     """Measure (or recall) whether bf16 autocast is ``BF16_MIN_SPEEDUP`` faster than fp32 for ``model`` on this
-    CPU."""
+    CPU. With the cache, processes measure one at a time (a file lock beside ``precision.json``): two workers
+    of ``spard bench --jobs 2`` starting together would otherwise each time the other's load, and disagree."""
     shape = _shape(model)
     key = _machine_key(shape)
     if use_cache and key in _DECISIONS:
         return _DECISIONS[key]
+    if not use_cache:
+        return _measure(model, shape, key)
+    from filelock import FileLock
+
     path = _decisions_file()
-    stored: dict[str, Any] = {}
-    if use_cache and path.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            stored = json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        stored = _stored_decisions(path)  # read under the lock: another process may have just measured
         if isinstance(stored.get(key), dict):
             decision = Bf16Decision(**stored[key])
-            _DECISIONS[key] = decision
-            return decision
+        else:
+            decision = _measure(model, shape, key)
+            from spard.io import atomic_write_json
+
+            with contextlib.suppress(OSError):
+                stored[key] = asdict(decision)
+                atomic_write_json(path, stored)
+    _DECISIONS[key] = decision
+    return decision
+
+
+def _stored_decisions(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with contextlib.suppress(ValueError, OSError):
+        stored = json.loads(path.read_text())
+        if isinstance(stored, dict):
+            return stored
+    return {}
+
+
+def _measure(model: torch.nn.Module, shape: dict[str, int], key: str) -> Bf16Decision:
     mm = matmul_speedup(shape["hidden"], shape["intermediate"])
     step = step_speedup(model) if mm >= BF16_MIN_SPEEDUP else None
     decision = Bf16Decision(use_bf16=step is not None and step >= BF16_MIN_SPEEDUP, matmul_speedup=round(mm, 3),
                             step_speedup=None if step is None else round(step, 3))
-    log.info("bf16 on this CPU: matmul %.2fx%s faster than fp32 -> %s", mm,
-             "" if step is None else f", model step {step:.2f}x", "bf16" if decision.use_bf16 else "fp32")
+    log.info("bf16 on this CPU (%d thread(s)): matmul %.2fx%s faster than fp32 -> %s", torch.get_num_threads(),
+             mm, "" if step is None else f", model step {step:.2f}x", "bf16" if decision.use_bf16 else "fp32")
     _DECISIONS[key] = decision
-    if use_cache:
-        from spard.io import atomic_write_json
-
-        with contextlib.suppress(OSError):
-            stored[key] = asdict(decision)
-            atomic_write_json(path, stored)
     return decision
 
 
