@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,10 +91,20 @@ def test_dpo_raises_the_preference_for_the_refusal(tmp_path, tiny_tok, full):
     assert align(cfg).cached
 
 
-def test_full_finetune_sft_trains_every_parameter(tmp_path, tiny_tok):
+def test_full_finetune_sft_trains_every_parameter(tmp_path, tiny_tok, monkeypatch):
+    from transformers import PreTrainedModel
+
     model_dir = save_tiny_chat_model(tmp_path / "tiny", tiny_tok)
     cfg = load_config(None, _overrides(model_dir, "align.full_finetune=true", "align.lr=1e-2"))
+    saved_to, save = [], PreTrainedModel.save_pretrained
+
+    def recording_save(self, path, *a, **k):
+        saved_to.append(Path(path))
+        return save(self, path, *a, **k)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", recording_save)
     result = align(cfg)
+    assert not any(p.name == "final" for p in saved_to), saved_to  # never written, not written then deleted
 
     base = load_file(str(model_dir / "model.safetensors"))
     aligned = load_file(str(result.model_dir / "model.safetensors"))

@@ -236,9 +236,12 @@ def fit(
     run_dir: Path,
     resume_from: Path | None = None,
     callbacks: list[TrainerCallback] | None = None,
+    save_final: bool = True,
 ) -> tuple[PeftModel, dict[str, Any]]:
     """LoRA-train ``model`` on ``records`` under ``defense``; saves ``run_dir/final``; returns model, metrics.
-    ``lora=None`` trains every parameter of ``model`` instead (the alignment stage's ``align.full_finetune``)."""
+    ``lora=None`` trains every parameter of ``model`` instead (the alignment stage's ``align.full_finetune``).
+    ``save_final=False`` (the same on every rank) skips ``run_dir/final`` and its gather, for a caller that
+    publishes the returned model itself."""
     features, stats = tokenize_records(tokenizer, records, max_length, desc="tokenize train set")
     if not any(any(t != -100 for t in f["labels"]) for f in features):
         raise ConfigError(f"no training example has an assistant token within max_length={max_length}")
@@ -271,9 +274,10 @@ def fit(
     defense.after_train(trainer)
     from spard.distributed import sharded_trainable_state
 
-    adapter = sharded_trainable_state(peft_model)  # FSDP2: gathered to rank 0 (a collective)
-    if trainer.is_world_process_zero():
-        peft_model.save_pretrained(run_dir / FINAL_DIR, safe_serialization=True, state_dict=adapter)
+    if save_final:
+        adapter = sharded_trainable_state(peft_model)  # FSDP2: gathered to rank 0 (a collective)
+        if trainer.is_world_process_zero():
+            peft_model.save_pretrained(run_dir / FINAL_DIR, safe_serialization=True, state_dict=adapter)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     steps_run = trainer.state.global_step - (checkpoint_step(resume_from) if resume_from else 0)
     metrics = {

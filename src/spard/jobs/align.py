@@ -223,8 +223,6 @@ def _build(cfg: RunConfig, target: Path, model, tokenizer) -> AlignResult:  # no
         atomic_write_json(target / "align_result.json", {"base_model": cfg.model.name_or_path, "align": asdict(a),
                                                          "metrics": metrics, "adapter": adapter})
         save_model(merged, tokenizer, target / "model")
-        if lora is None:  # fit's full copy of the weights: the published model is the one to use
-            shutil.rmtree(run_dir / FINAL_DIR, ignore_errors=True)
     return AlignResult(target / "model", cached=False, metrics=metrics)
 
 
@@ -298,8 +296,9 @@ def _train_sft(cfg: RunConfig, model, tokenizer, lora: LoraArgs | None, train_ar
              defense.name, "full" if lora is None else "LoRA")
     ctx = DefenseContext(config=cfg, tokenizer=tokenizer, run_dir=run_dir, seed=a.seed)
     records = defense.prepare_data(alignment_records(a), ctx)
+    # a full fine-tune is published whole as target/model: no second copy of every weight in run/final
     return fit(model, tokenizer, records, lora=lora, args=train_args, max_length=a.max_length, defense=defense,
-               run_dir=run_dir)
+               run_dir=run_dir, save_final=lora is not None)
 
 
 def check_alignment_data_disjoint(cfg: RunConfig, attack_prompts: list[str]) -> None:
