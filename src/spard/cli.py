@@ -73,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--collect", action="store_true", help="only write results.csv, table.md and the plots")
     bp.add_argument("--retry", type=int, default=0, metavar="N", help="retry a crashing cell up to N more times now")
     bp.add_argument("--jobs", type=int, default=1, metavar="N",
-                    help="run N cells at a time, each in a worker process with 1/N of the cores (a small model "
-                         "runs two one-thread cells faster than one two-thread cell; see README)")
+                    help="run N cells at a time, each in a worker process with 1/N of the cores "
+                         "(perf/bench_workers.py measures whether that is faster on this machine)")
     return p
 
 

@@ -1,10 +1,10 @@
 """Several worker processes on one machine, each running whole cells (``spard bench --jobs N``).
 
-A 135M model on a CPU does not keep two cores busy from one process: its matrices are small, so generation and
-training spend much of each step in single-threaded work between the parallel kernels. Two processes with one
-thread each run two cells in about the time one two-thread process runs one. Each worker is a spawned process
-(no forked torch state) that lives for the whole bench, so the import of the training stack is paid once per
-worker, not once per cell; the cells go to whichever worker is free next (SafeGrad's cell costs more than SFT's).
+Each worker is a spawned process (no forked torch state) with its share of the cores, living for the whole
+bench, so the training stack is imported once per worker, not once per cell; the alignment stages and then the
+cells go to whichever worker is free next, so a long alignment stage (RepNoise) runs beside cells instead of
+before them. Whether N workers beat one process with all the threads depends on the machine and the model:
+``perf/bench_workers.py`` measures both on the machine at hand (README, Performance).
 
 This module knows nothing about cells: it maps a picklable function over items in the workers.
 """
