@@ -87,14 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from spard.redact import RedactFilter
+    from spard.redact import configure_logging
 
-    for handler in logging.getLogger().handlers:  # a log redirected to a file must not carry a judge's key
-        handler.addFilter(RedactFilter())
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return _dispatch(args)
     except SpardError as e:

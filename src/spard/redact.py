@@ -78,3 +78,14 @@ class RedactFilter(logging.Filter):
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
         return True
+
+
+def configure_logging(level: int) -> None:
+    """The command line's logging: timestamped records at ``level``, chatty HTTP/lock libraries at WARNING, and
+    every handler redacting registered secrets (a log redirected to a file must not carry a judge's key). Bench
+    worker processes call it too, so their records look like the parent's."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactFilter())

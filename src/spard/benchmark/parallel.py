@@ -47,14 +47,9 @@ def _init_worker(threads: int, log_level: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from spard.redact import RedactFilter
+    from spard.redact import configure_logging
 
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactFilter())
+    configure_logging(log_level)
 
 
 class WorkerDied(SpardError):
