@@ -216,7 +216,8 @@ def evaluate_base(cfg: RunConfig, base_model: str, *, attack_prompts: list[str] 
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
     root = cache_dir() / "base_eval"
     # one process evaluates, others (bench workers, job-array cells) wait for it and read the cache
-    with dir_lock(root / ".locks" / key, what="base evaluation cache entry", wait=True):
+    # the lock lives outside base_eval/, whose entries are the cached evaluations only
+    with dir_lock(cache_dir() / "locks" / "base_eval" / key, what="base evaluation cache entry", wait=True):
         return _evaluate_base_locked(cfg, base_model, root, key, attack_prompts)
 
 
