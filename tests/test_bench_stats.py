@@ -227,3 +227,22 @@ def test_pareto_front_matches_a_brute_force_dominance_check():
         for i, (x, y) in enumerate(pts):
             beaten = any((u, v) != (x, y) and u <= x and v <= y for u, v in pts)
             assert (i in front) == (not beaten), (pts, i)
+
+
+def test_a_bench_that_does_not_score_the_task_has_no_accuracy_table_or_panel(tmp_path):
+    from spard.benchmark.plots import utility_axes
+
+    def run(drop_accuracy: bool) -> tuple[str, list]:
+        tasks = ["task_nll", "over_refusal"] + ([] if drop_accuracy else ["gsm8k"])
+        b = load_bench(write_bench(tmp_path / str(drop_accuracy), seeds=[0], defenses=["sft"], ratios=[0.1],
+                                   attacks=[{"name": "bt", "overrides": {"attack.name": "harmful_mix"}}],
+                                   eval={"harm_limit": 5, "tasks": tasks}))
+        run_cells(b, run_fn=fake_run_with_samples, align_fn=no_align)
+        collect(b)
+        return (b.bench_dir / "table.md").read_text(), [a[0] for a in utility_axes(collect_results(b))]
+
+    table, axes = run(drop_accuracy=False)
+    assert "## GSM8K" in table and axes[0] == "task_acc"
+    table, axes = run(drop_accuracy=True)
+    assert "## GSM8K" not in table and "task_acc" not in axes
+    assert "## Held-out task NLL (nats/token) ↓" in table and axes == ["task:task_nll", "task:over_refusal"]

@@ -16,7 +16,7 @@ from typing import Any
 
 from spard.benchmark.grid import Bench, ratio_field, ratio_text
 from spard.benchmark.report import aggregate, attack_description, defense_labels, task_title
-from spard.benchmark.results import CellResult, before_results, harm_summary, task_accuracy
+from spard.benchmark.results import CellResult, before_results, evaluates_task, harm_summary, task_accuracy
 from spard.evaluate.tasks import task_class
 from spard.io import atomic_path
 from spard.registry import TASKS
@@ -69,9 +69,9 @@ def _short(attack: str, ratio: float | None) -> str:
 
 def utility_axes(rows: list[CellResult]) -> list[tuple[str, str, float, bool]]:
     """The utility measures to plot against ASR: ``(metric, label, scale, lower_is_better)``; the fine-tuning
-    task's accuracy first, then every evaluated task that declares a table of its own (held-out task NLL,
-    benign answer rate)."""
-    axes = [("task_acc", "", 100.0, False)]
+    task's accuracy first (when the cells evaluate it), then every evaluated task that declares a table of its
+    own (held-out task NLL, benign answer rate)."""
+    axes = [("task_acc", "", 100.0, False)] if any(evaluates_task(rows, r.cell.task) for r in rows) else []
     for name in dict.fromkeys(t for r in rows for t in r.task_metrics):
         if name in TASKS and task_class(name).own_table:
             cls = task_class(name)

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from spard.benchmark.grid import Bench, ratio_text
-from spard.benchmark.results import CellResult, before_results, harm_summary, primary_judge_errors, task_accuracy
+from spard.benchmark.results import (
+    CellResult,
+    before_results,
+    evaluates_task,
+    harm_summary,
+    primary_judge_errors,
+    task_accuracy,
+)
 from spard.benchmark.stats import AVERAGE, PairedTest, paired_tests, reference_labels
 from spard.evaluate.tasks import task_class
 from spard.io import atomic_write_text
@@ -325,8 +332,10 @@ def format_table(bench: Bench, rows: list[CellResult]) -> str:
                                                 judge_error_marks(rows, task)),
                              row_std=row_average_std(bench, rows, "asr", task))]
         out += _tests_text(tests, task)
-        out += ["", f"{h} {title} (%) ↑", "", metric_table(bench, acc, task, lower_is_better=False,
-                                                          row_std=row_average_std(bench, rows, "task_acc", task))]
+        if evaluates_task(rows, task):
+            out += ["", f"{h} {title} (%) ↑", "", metric_table(bench, acc, task, lower_is_better=False,
+                                                              row_std=row_average_std(bench, rows, "task_acc",
+                                                                                      task))]
         for name in extra:
             cls = task_class(name)
             aggs = aggregate(bench, rows, f"task:{name}", scale=100.0 if cls.is_rate else 1.0)

@@ -78,6 +78,12 @@ def primary_judge_errors(results: dict[str, Any]) -> int:
                for name, block in harm.items() if not (name == "all" and len(harm) > 1))
 
 
+def evaluates_task(rows: list[CellResult], task: str) -> bool:
+    """Whether the cells fine-tuned on ``task`` also score its accuracy (``task`` is among their
+    ``eval.tasks``); a bench may leave it out, e.g. where a small model scores chance on it."""
+    return any(task in r.cell.config.eval.task_names for r in rows if r.cell.task == task)
+
+
 def task_accuracy(results: dict[str, Any], task: str) -> float | None:
     """A utility task's headline metric (``metrics["accuracy"]``, or the ``headline`` the task declares, e.g.
     ``task_nll``'s loss), None if not evaluated."""
