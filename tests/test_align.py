@@ -33,6 +33,26 @@ def test_align_trains_once_then_hits_the_cache(tmp_path, tiny_tok):
     assert aligned_model_dir(other.model, other.align) != first.model_dir.parent  # options are in the key
 
 
+
+def test_the_alignment_stage_trains_at_the_runs_pinned_precision(tmp_path, tiny_tok, monkeypatch):
+    import spard.trainer
+
+    settings = []
+    real = spard.trainer.use_bf16
+    monkeypatch.setattr(spard.trainer, "use_bf16",
+                        lambda setting, **kw: settings.append(setting) or real(setting, **kw))
+    model_dir = save_tiny_chat_model(tmp_path / "tiny", tiny_tok)
+    auto = load_config(None, _overrides(model_dir))
+    pinned = load_config(None, [*_overrides(model_dir), "train.bf16=true"])
+    # auto keeps the key every earlier model was cached under; a pinned precision is a model of its own
+    assert aligned_model_dir(auto.model, auto.align, auto.train.bf16) == aligned_model_dir(auto.model, auto.align)
+    assert aligned_model_dir(pinned.model, pinned.align, "true") != aligned_model_dir(auto.model, auto.align)
+    assert aligned_model_dir(pinned.model, pinned.align, "true") != aligned_model_dir(pinned.model, pinned.align,
+                                                                                     "false")
+    result = align(pinned)
+    assert settings and set(settings) == {"true"}  # the Trainer was asked for bf16, not the auto decision
+    assert result.model_dir.parent == aligned_model_dir(pinned.model, pinned.align, "true")
+
 @pytest.mark.multiprocess
 def test_two_processes_aligning_at_once_train_once(tmp_path, tiny_tok):
     model_dir = save_tiny_chat_model(tmp_path / "tiny", tiny_tok)

@@ -117,3 +117,18 @@ def test_alignments_run_once_in_the_workers_and_a_broken_one_stops_the_bench(tmp
     broken = four_cells(tmp_path / "b", align={"enabled": True})
     with pytest.raises(RuntimeError, match="alignment broke"):
         run_cells(broken, run_fn=run_and_record_process, align_fn=failing_alignment, jobs=2)
+
+
+def test_one_alignment_stage_per_aligned_model(tmp_path):
+    from spard.benchmark.runner import _alignments_needed
+
+    def needed(**defense_overrides) -> int:
+        b = load_bench(write_bench(tmp_path, base={"train.max_steps": 2, "align.enabled": True}, ratios=[0.1],
+                                   attacks=[{"name": "bt", "overrides": {"attack.name": "harmful_mix"}}],
+                                   defenses=["sft", {"name": "safeinstr", "overrides": defense_overrides}]))
+        return len(_alignments_needed(b.cells))
+
+    assert needed() == 1  # every cell fine-tunes the same aligned model
+    assert needed(**{"align.defense.name": "vaccine"}) == 2
+    assert needed(**{"train.bf16": "false"}) == 2  # a pinned precision aligns a model of its own
+    assert needed(**{"train.lr": 1e-3}) == 1

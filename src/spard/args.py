@@ -202,7 +202,8 @@ class TrainArgs:
     bf16: str = "auto"
     """bf16 autocast: ``auto`` = on where a GPU supports it, and on a CPU only where a measurement on this machine
     finds it at least 1.3x faster for this model (``spard.precision``; cached per machine; fp32 in a multi-process
-    CPU run); ``true``; ``false``."""
+    CPU run); ``true``; ``false``. Applies to the alignment stage too (a pinned value enters the aligned model's
+    cache key)."""
     gradient_checkpointing: str = "auto"
     """Recompute activations in the backward pass instead of keeping them (less memory, one more forward):
     ``false``; ``true`` (torch's non-reentrant checkpointing, exact for every defense); ``reentrant`` (torch's

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import json
 import logging
 import time
 import traceback
@@ -197,13 +196,14 @@ def run_cells(
 
 
 def _alignments_needed(todo: Sequence[Cell]) -> list[RunConfig]:
-    """One config per distinct alignment stage (model + align options) the cells to run use."""
-    seen: dict[str, RunConfig] = {}
+    """One config per distinct aligned model (its cache entry) the cells to run use."""
+    from spard.jobs.align import aligned_model_dir
+
+    seen: dict[Path, RunConfig] = {}
     for cell in todo:
-        if cell.config.align.enabled:
-            key = json.dumps([dataclasses.asdict(cell.config.model), dataclasses.asdict(cell.config.align)],
-                             sort_keys=True)
-            seen.setdefault(key, cell.config)
+        cfg = cell.config
+        if cfg.align.enabled:
+            seen.setdefault(aligned_model_dir(cfg.model, cfg.align, cfg.train.bf16), cfg)
     return list(seen.values())
 
 

@@ -69,11 +69,16 @@ def alignment_lora_dropout(align: AlignArgs) -> float:
     return ALIGN_LORA_DROPOUT if own is None else float(own)
 
 
-def aligned_model_dir(model: ModelArgs, align: AlignArgs) -> Path:
-    """``align.output_dir``, else a cache directory keyed by the base model and the alignment options."""
+def aligned_model_dir(model: ModelArgs, align: AlignArgs, train_bf16: str | bool = "auto") -> Path:
+    """``align.output_dir``, else a cache directory keyed by the base model, the alignment options and a pinned
+    precision (``train.bf16`` other than ``auto``: the alignment stage trains with the run's setting)."""
     if align.output_dir:
         return Path(align.output_dir)
     options = asdict(align)
+    # a pinned precision enters the key (``auto`` keeps the keys of every model aligned before the alignment
+    # stage followed train.bf16): a model aligned in bf16 is never reused by a run that pinned fp32
+    if (precision := str(train_bf16).lower()) != "auto":
+        options["bf16"] = precision
     # the dropout actually used enters the key, and only when it is not the 0.05 every model aligned before
     # this option existed was trained with (their keys, and so their cache entries, stay valid)
     options.pop("lora_dropout")
@@ -113,7 +118,7 @@ def align(cfg: RunConfig, *, model=None, tokenizer=None) -> AlignResult:  # noqa
     published model. A crashed attempt (even ``kill -9``) leaves no model, and the next call starts it over.
     The ranks of one ``torchrun`` / ``accelerate launch`` (DDP, FSDP2) align together: see :func:`_align_launch`.
     """
-    target = aligned_model_dir(cfg.model, cfg.align)
+    target = aligned_model_dir(cfg.model, cfg.align, cfg.train.bf16)
     if launch_world_size() > 1:
         return _align_launch(cfg, target, model, tokenizer)
     cached = _cached(target)
@@ -188,7 +193,7 @@ def _train_args(cfg: RunConfig, run_dir: Path) -> TrainArgs:
     a = cfg.align
     return TrainArgs(output_dir=str(run_dir), epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                      save_steps=10_000, lr_scheduler="cosine", warmup_ratio=0.05,
-                     gradient_checkpointing=cfg.train.gradient_checkpointing)
+                     gradient_checkpointing=cfg.train.gradient_checkpointing, bf16=cfg.train.bf16)
 
 
 def _build(cfg: RunConfig, target: Path, model, tokenizer) -> AlignResult:  # noqa: ANN001

@@ -78,12 +78,12 @@ def plan(cfg: RunConfig, stages: tuple[str, ...] = STAGES, *, check_model: bool 
     if "train" in stages:
         check_writable_dir(cfg.train.output_dir, "train.output_dir")
     if "align" in stages and cfg.align.enabled:
-        check_writable_dir(aligned_model_dir(cfg.model, cfg.align),
+        check_writable_dir(aligned_model_dir(cfg.model, cfg.align, cfg.train.bf16),
                            "align.output_dir" if cfg.align.output_dir else "the aligned-model cache ($SPARD_CACHE)")
     if check_model:
         check_model_source(cfg.model.name_or_path)
     if "align" in stages and cfg.align.enabled:
-        target = aligned_model_dir(cfg.model, cfg.align)
+        target = aligned_model_dir(cfg.model, cfg.align, cfg.train.bf16)
         result.aligned_cached = (target / "model" / "config.json").is_file()
         if not result.aligned_cached:
             _check_data_path(cfg.align.safety_path, "align.safety_path")
