@@ -4,9 +4,11 @@ test_benchmark (real run directories, no training); it also records which proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,51 @@ def test_one_alignment_stage_per_aligned_model(tmp_path):
     assert needed(**{"align.defense.name": "vaccine"}) == 2
     assert needed(**{"train.bf16": "false"}) == 2  # a pinned precision aligns a model of its own
     assert needed(**{"train.lr": 1e-3}) == 1
+
+
+def _running(process) -> bool:  # noqa: ANN001
+    """Alive and not a zombie (an orphan is reaped by whoever adopts it, maybe late)."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def record_pid_and_sleep(path: str) -> None:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def test_workers_end_when_the_bench_process_is_killed(tmp_path):
+    import subprocess
+    import sys
+
+    import psutil
+
+    files = [tmp_path / "w0", tmp_path / "w1"]
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from test_bench_parallel import record_pid_and_sleep; "
+              "from spard.benchmark.parallel import map_in_workers; "
+              "list(map_in_workers(record_pid_and_sleep, sys.argv[2:], jobs=2))")
+    bench = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent), *map(str, files)])
+    workers: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while not all(f.is_file() and f.read_text() for f in files):
+            assert bench.poll() is None and time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        workers = [psutil.Process(int(f.read_text())) for f in files]
+        bench.send_signal(signal.SIGKILL)  # no clean-up runs in the bench process
+        bench.wait()
+        deadline = time.monotonic()
+        alive = workers
+        while alive and time.monotonic() < deadline + 10:
+            time.sleep(0.2)
+            alive = [p for p in alive if _running(p)]
+        assert not alive, f"workers outlived the bench: {[p.pid for p in alive]}"
+    finally:
+        bench.kill()
+        for process in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()

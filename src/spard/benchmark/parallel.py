@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -40,8 +42,23 @@ def threads_per_worker(jobs: int, cores: int | None = None) -> int:
     return max(1, (cores or available_cores()) // jobs)
 
 
-def _init_worker(threads: int, log_level: int) -> None:
-    """Runs first in each worker: its thread count (before torch is imported here) and the parent's logging."""
+PARENT_POLL_SECONDS = 1.0
+"""How often a worker checks that the bench process that started it is still alive."""
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Daemon-thread body: end this worker the moment its parent is gone. A bench killed by a signal runs no
+    clean-up, and its workers would otherwise go on training cells (holding their run directories' locks and
+    the cores) under a rerun; ending like ``kill -9`` is safe, since every write is atomic and runs resume."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
+def _init_worker(threads: int, log_level: int, parent_pid: int) -> None:
+    """Runs first in each worker: the orphan check, its thread count (before torch is imported here) and the
+    parent's logging."""
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), name="spard-orphan-check", daemon=True).start()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     import torch
@@ -63,7 +80,8 @@ def map_in_workers(fn: Callable[[T], R], items: Sequence[T], *, jobs: int,
 
     ``fn`` and the items must be picklable (``fn`` a module-level function or a ``functools.partial`` of one).
     An exception ``fn`` raises reaches the caller when its result is taken; a worker that dies raises
-    :class:`WorkerDied` and no further items are started. Interrupting the caller cancels the items not started.
+    :class:`WorkerDied` and no further items are started. Interrupting the caller cancels the items not started;
+    killing it (any signal, ``kill -9`` included) ends the workers within :data:`PARENT_POLL_SECONDS`.
     """
     import multiprocessing
 
@@ -71,7 +89,7 @@ def map_in_workers(fn: Callable[[T], R], items: Sequence[T], *, jobs: int,
     level = logging.getLogger().getEffectiveLevel()
     executor = ProcessPoolExecutor(max_workers=min(jobs, max(1, len(items))),
                                    mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(threads, level))
+                                   initializer=_init_worker, initargs=(threads, level, os.getpid()))
     try:
         pending: dict[Future[R], int] = {executor.submit(fn, item): i for i, item in enumerate(items)}
         while pending:
