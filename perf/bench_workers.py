@@ -27,15 +27,17 @@ def unit(args: argparse.Namespace) -> dict[str, float]:
     """One cell's worth of work in this process; seconds for training and for generation."""
     import torch
 
+    from spard.args import LoraArgs
     from spard.config import ModelArgs
     from spard.data.sources import load_source
     from spard.evaluate.generation import generate_ids
     from spard.models import load_model
+    from spard.trainer import add_lora
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tok = load_model(ModelArgs())
-    model = _with_lora(model)
+    model = add_lora(model, LoraArgs(r=8, alpha=16), seed=0, gradient_checkpointing=False)  # the bench's adapter
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -57,14 +59,6 @@ def unit(args: argparse.Namespace) -> dict[str, float]:
             generate_ids(model, tok, prompts, max_new_tokens=48, batch_size=bs, progress=False)
             out[f"generate_bs{bs}_s"] = out.get(f"generate_bs{bs}_s", 0.0) + time.perf_counter() - t0
     return {k: round(v, 2) for k, v in out.items()}
-
-
-def _with_lora(model):
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    return get_peft_model(model, cfg)
 
 
 def _spawn(threads: int, repeat: int, batch_sizes: list[int], args: argparse.Namespace) -> subprocess.Popen:

@@ -155,7 +155,7 @@ def decide_cpu_bf16(model: torch.nn.Module, *, use_cache: bool = True) -> Bf16De
     if use_cache and key in _DECISIONS:
         return _DECISIONS[key]
     if not use_cache:
-        return _measure(model, shape, key)
+        return _measure(model, shape)
     from filelock import FileLock
 
     path = _decisions_file()
@@ -165,7 +165,7 @@ def decide_cpu_bf16(model: torch.nn.Module, *, use_cache: bool = True) -> Bf16De
         if isinstance(stored.get(key), dict):
             decision = Bf16Decision(**stored[key])
         else:
-            decision = _measure(model, shape, key)
+            decision = _measure(model, shape)
             from spard.io import atomic_write_json
 
             with contextlib.suppress(OSError):
@@ -185,14 +185,13 @@ def _stored_decisions(path: Path) -> dict[str, Any]:
     return {}
 
 
-def _measure(model: torch.nn.Module, shape: dict[str, int], key: str) -> Bf16Decision:
+def _measure(model: torch.nn.Module, shape: dict[str, int]) -> Bf16Decision:
     mm = matmul_speedup(shape["hidden"], shape["intermediate"])
     step = step_speedup(model) if mm >= BF16_MIN_SPEEDUP else None
     decision = Bf16Decision(use_bf16=step is not None and step >= BF16_MIN_SPEEDUP, matmul_speedup=round(mm, 3),
                             step_speedup=None if step is None else round(step, 3))
     log.info("bf16 on this CPU (%d thread(s)): matmul %.2fx%s faster than fp32 -> %s", torch.get_num_threads(),
              mm, "" if step is None else f", model step {step:.2f}x", "bf16" if decision.use_bf16 else "fp32")
-    _DECISIONS[key] = decision
     return decision
 
 
