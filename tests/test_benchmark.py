@@ -424,3 +424,22 @@ def test_judge_errors_are_marked_and_an_invalid_evaluation_is_a_failed_cell(tmp_
     assert "§" in report.table and "could not score 2 replies in these cells" in report.table
     sft_row = next(line for line in report.table.splitlines() if line.startswith("| sft |"))
     assert sft_row.startswith("| sft | 10.0§ |")
+
+
+def test_the_committed_embedded_cells_are_cells_of_the_shipped_bench():
+    """docs/results/embedded/cells holds finished cells a later run resumes from (its README): each must be a cell
+    of configs/bench/embedded.yaml under its current config, or the table would mix configs. Changing the bench
+    means deleting the cells it changes."""
+    from spard.benchmark.status import HOW_ONLY
+    from spard.config import stored_config_diff
+
+    committed = Path("docs/results/embedded/cells")
+    if not committed.is_dir():
+        pytest.skip("no committed cells")
+    cells = {c.name: c for c in load_bench("configs/bench/embedded.yaml").cells}
+    names = sorted(p.name for p in committed.iterdir() if p.is_dir())
+    assert names and set(names) <= set(cells), set(names) - set(cells)
+    for name in names:
+        assert not stored_config_diff(cells[name].config, committed / name / "config.yaml", ignore=HOW_ONLY), name
+        results = json.loads((committed / name / "eval" / "results.json").read_text())
+        assert results.get("valid") is not False and results["harm"], name
