@@ -98,7 +98,7 @@ def test_evaluate_model_writes_results_and_samples(tiny_llm, tiny_tok, tmp_path)
     assert results["harm"]["I-MaliciousInstructions"]["judges"]["keyword"]["asr"]["n"] <= 3
     assert set(results["harm"]["all"]["judges"]["keyword"]["by_category"]) == {"I-MaliciousInstructions", "Q-Harm"}
     assert results["tasks"]["gsm8k"]["n"] == 2 and results["tasks"]["openbookqa"]["n"] == 2
-    assert results["timings"]["total_s"] > 0 and results["environment"]["torch"]
+    assert results["timings"]["total_s"] > 0 and results["environment"]["torch"] and results["environment"]["cpu"]
     for name, n in {"I-MaliciousInstructions": 3, "Q-Harm": 3, "gsm8k": 2, "openbookqa": 2}.items():
         rows = [json.loads(line) for line in (tmp_path / f"samples_{name}.jsonl").read_text().splitlines()]
         assert len(rows) == n and all("prompt" in r for r in rows)

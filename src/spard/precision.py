@@ -114,6 +114,15 @@ def step_speedup(model: torch.nn.Module, *, tokens: int = 128, rows: int = 2, re
     return statistics.median(fp32) / statistics.median(bf16)
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what ``platform`` knows)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _machine_key(extra: dict[str, Any]) -> str:
     flags = ""
     with contextlib.suppress(OSError):
@@ -121,13 +130,7 @@ def _machine_key(extra: dict[str, Any]) -> str:
             if line.startswith(("flags", "Features")):
                 flags = line
                 break
-    model_name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    blob = json.dumps({"cpu": model_name, "flags": flags, "torch": torch.__version__,
+    blob = json.dumps({"cpu": cpu_model_name(), "flags": flags, "torch": torch.__version__,
                        "threads": torch.get_num_threads(), **extra}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -41,14 +41,15 @@ def sample_file_name(name: str) -> str:
 
 
 def _environment() -> dict[str, Any]:
-    """Versions, threads, and whether the evaluation ran under bf16 autocast (``eval.bf16``)."""
+    """Versions, the CPU and threads, and whether the evaluation ran under bf16 autocast (``eval.bf16``)."""
     import torch
     import transformers
 
     import spard
+    from spard.precision import cpu_model_name
 
     return {"spard": spard.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "cpu": cpu_model_name(), "threads": torch.get_num_threads(),
             "bf16_autocast": torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")}
 
 
