@@ -209,7 +209,7 @@ class TrainArgs:
     ``false``; ``true`` (torch's non-reentrant checkpointing, exact for every defense); ``reentrant`` (torch's
     older mode: SafeGrad and SPARD take their extra gradients with a plain backward there, the alignment-stage
     defenses Vaccine, Booster and RepNoise refuse it); ``auto`` = ``false``, except ``true`` on an 8/4-bit base
-    (where peft's k-bit preparation would pick ``reentrant``). Applies to the alignment stage too."""
+    (where peft's k-bit preparation picked ``reentrant`` before peft 0.22). Applies to the alignment stage too."""
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers the Trainer reports to (``tensorboard``, ``wandb``... when installed); none by default.
     ``metrics.jsonl`` is always written."""
