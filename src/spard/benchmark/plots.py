@@ -71,7 +71,8 @@ def utility_axes(rows: list[CellResult]) -> list[tuple[str, str, float, bool]]:
     """The utility measures to plot against ASR: ``(metric, label, scale, lower_is_better)``; the fine-tuning
     task's accuracy first (when the cells evaluate it), then every evaluated task that declares a table of its
     own (held-out task NLL, benign answer rate)."""
-    axes = [("task_acc", "", 100.0, False)] if any(evaluates_task(rows, r.cell.task) for r in rows) else []
+    scored = any(evaluates_task(rows, task) for task in {r.cell.task for r in rows})
+    axes = [("task_acc", "", 100.0, False)] if scored else []
     for name in dict.fromkeys(t for r in rows for t in r.task_metrics):
         if name in TASKS and task_class(name).own_table:
             cls = task_class(name)
