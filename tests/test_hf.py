@@ -122,6 +122,31 @@ def test_resume_from_checkpoint_restores_the_defense_state(tmp_path, tiny_tok):
     assert_same_adapter(tmp_path / "a-final", tmp_path / "b-final", rtol=0, atol=1e-7)
 
 
+def test_resume_from_a_moved_checkpoint_without_stack_frames(tmp_path, tiny_tok, monkeypatch):
+    """The wrapped ``train`` records which checkpoint it resumes from: the defense's state is found at any path,
+    also where ``inspect.currentframe()`` gives no frames (Python implementations without frame support)."""
+    import shutil
+
+    import spard.hf
+
+    def callback() -> DefenseCallback:
+        return DefenseCallback("spard", max_length=MAX_LENGTH, safety_k=3, safety_data=safety_pool())
+
+    straight = hf_trainer(tmp_path / "a", tiny_tok, callback())
+    straight.train()
+    hf_trainer(tmp_path / "b", tiny_tok, callback(), steps=2).train()
+    moved = tmp_path / "elsewhere" / "step-2"
+    shutil.copytree(tmp_path / "b" / "hf" / "checkpoint-2", moved)
+    resumed_cb = callback()
+    resumed = hf_trainer(tmp_path / "c", tiny_tok, resumed_cb)  # its output_dir holds no checkpoint
+    monkeypatch.setattr(spard.hf, "inspect", SimpleNamespace(currentframe=lambda: None))
+    resumed.train(resume_from_checkpoint=str(moved))
+    assert resumed_cb.resume_state is not None and resumed_cb.resume_state["cursor"] == 2
+    straight.model.save_pretrained(tmp_path / "a-final")
+    resumed.model.save_pretrained(tmp_path / "c-final")
+    assert_same_adapter(tmp_path / "a-final", tmp_path / "c-final", rtol=0, atol=1e-7)
+
+
 def test_prompts_are_decoded_from_token_ids(tiny_tok):
     records = training_records()
     features, _ = tokenize_records(tiny_tok, records, 1024)  # untruncated: the whole prompt is there

@@ -278,6 +278,9 @@ def _train_from_whole_checkpoint(trainer: Trainer) -> Any:
                 raise ConfigError(f"resume_from_checkpoint=True: {output_dir} holds no whole checkpoint")
             log.info("resume_from_checkpoint=True: resuming from %s, the newest whole checkpoint", ckpt)
             resume_from_checkpoint = str(ckpt)
+        # what the callback's on_train_begin reads the defense's state from (no call-stack lookup needed)
+        trainer._spard_resumed_from = (Path(resume_from_checkpoint)  # type: ignore[attr-defined]
+                                       if isinstance(resume_from_checkpoint, (str, Path)) else None)
         return original(resume_from_checkpoint, *args, **kwargs)
 
     train._spard_wrapped = True  # type: ignore[attr-defined]
@@ -285,9 +288,13 @@ def _train_from_whole_checkpoint(trainer: Trainer) -> Any:
 
 
 def _resumed_checkpoint(trainer: Trainer, args: Any, step: int) -> Path:
-    """The checkpoint ``trainer.train(resume_from_checkpoint=...)`` loaded: the argument as the trainer's
-    training loop holds it (found on the call stack, like the trainer itself), else
+    """The checkpoint ``trainer.train(resume_from_checkpoint=...)`` loaded: the argument as spard's wrapper of
+    ``train`` recorded it; when ``train`` is not wrapped (the callback attached after it was called), the
+    argument as the trainer's training loop holds it (found on the call stack, like the trainer itself); else
     ``output_dir/checkpoint-<step>``."""
+    recorded = getattr(trainer, "_spard_resumed_from", None)
+    if isinstance(recorded, Path):
+        return recorded
     frame = inspect.currentframe()
     try:
         while frame is not None:
