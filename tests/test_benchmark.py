@@ -443,3 +443,23 @@ def test_the_committed_embedded_cells_are_cells_of_the_shipped_bench():
         assert not stored_config_diff(cells[name].config, committed / name / "config.yaml", ignore=HOW_ONLY), name
         results = json.loads((committed / name / "eval" / "results.json").read_text())
         assert results.get("valid") is not False and results["harm"], name
+
+
+def test_the_bf16_probe_differs_from_the_embedded_bench_only_in_precision():
+    """perf/embedded_bf16.yaml times a bf16 grid against the fp32 cells of the same names: anything else that
+    differs would make the comparison meaningless."""
+    import dataclasses
+
+    full = {c.name: c for c in load_bench("configs/bench/embedded.yaml").cells}
+    probe = load_bench("perf/embedded_bf16.yaml").cells
+    assert probe and {c.name for c in probe} <= set(full)
+
+    def without_precision(config) -> dict:
+        d = dataclasses.asdict(config)
+        assert d["train"].pop("bf16") is not None and d["eval"].pop("bf16") is not None
+        d["train"].pop("output_dir")
+        return d
+
+    for cell in probe:
+        assert cell.config.train.bf16 == "true" and cell.config.eval.bf16 == "true", cell.name
+        assert without_precision(cell.config) == without_precision(full[cell.name].config), cell.name
